@@ -1,0 +1,238 @@
+"""
+The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
+process (schedule, loss, samplers), guidance, EMA and checkpoints.
+
+The diffusion process knows nothing about the network's insides: it calls
+model(x_t, t, ids) -> eps and nothing else. Names follow the DDPM paper (Ho et
+al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+
+Read next: train.py (the stage-by-stage training loop), then sample.py.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+
+from unet import UNet, UNetConfig
+
+N_RANKS = 7  # kingdom .. species, as taxonomy.RANKS (model.py does not import the data side)
+
+
+# -----------------------------------------------------------------------------
+# Conditioning: a lineage becomes N_RANKS + 1 context tokens
+
+
+class RankConditioner(nn.Module):
+    """Lineage ids (B, R) -> context tokens (B, R + 1, D).
+
+    Token r is the sum of the lineage's embeddings at ranks 0..r plus a learned
+    rank vector, so two species of one genus share every token but the last
+    and start out close together. An id of 0 (unknown, or beyond the current
+    stage) adds nothing. The extra null token is always there, so a fully
+    unknown lineage still gives attention something to look at.
+    """
+
+    def __init__(self, vocab_sizes, dim):
+        super().__init__()
+        self.embed = nn.ModuleList(nn.Embedding(n, dim) for n in vocab_sizes)  # N(0, 1) init; train.py zeros the finer ranks
+        self.rank_vec = nn.Parameter(torch.randn(len(vocab_sizes), dim) * 0.5)
+        self.null = nn.Parameter(torch.randn(1, dim) * 0.5)
+
+    def forward(self, ids):
+        known = (ids > 0).unsqueeze(-1)  # (B, R, 1)
+        e = torch.stack([table(ids[:, r]) for r, table in enumerate(self.embed)], dim=1)  # (B, R, D)
+        tokens = (e * known).cumsum(dim=1) + self.rank_vec  # (B, R, D): token r sums ranks 0..r
+        null = self.null.expand(ids.shape[0], 1, -1)  # (B, 1, D)
+        return torch.cat([null, tokens], dim=1)  # (B, R + 1, D)
+
+
+class TaxaDiffusion(nn.Module):
+    """eps_theta(x_t, t, lineage ids): the conditioner feeding the UNet's cross-attention."""
+
+    def __init__(self, unet_config: UNetConfig, vocab_sizes):
+        super().__init__()
+        self.conditioner = RankConditioner(vocab_sizes, unet_config.context_dim)
+        self.unet = UNet(unet_config)
+
+    def forward(self, x_t, t, ids):
+        return self.unet(x_t, t, self.conditioner(ids))
+
+
+def cut_lineage(ids, level):
+    """Forget every rank finer than `level` (an int, or a (B,) tensor of ints): ids beyond it become 0."""
+    ranks = torch.arange(ids.shape[-1], device=ids.device)
+    level = torch.as_tensor(level, device=ids.device).reshape(-1, 1)  # (B or 1, 1)
+    return ids * (ranks <= level)
+
+
+def deepest_rank(ids):
+    """Index of the finest known rank of each lineage, -1 if none is known: (B, R) -> (B,)."""
+    ranks = torch.arange(ids.shape[-1], device=ids.device)
+    return torch.where(ids > 0, ranks, -1).amax(dim=-1)
+
+
+def condition_dropout(ids, p_uncond, p_cut, generator=None):
+    """Training-time dropout of the lineage: this is what makes guidance and partial lineages work.
+
+    With probability p_uncond the whole lineage is dropped (the null condition
+    of classifier-free guidance); with probability p_cut it is cut at a random
+    coarser rank, so the model learns "an Aves/Passeriformes with any family".
+    """
+    B = ids.shape[0]
+    u = torch.rand(B, generator=generator, device=ids.device)
+    deepest = deepest_rank(ids)
+    random_level = (torch.rand(B, generator=generator, device=ids.device) * deepest.clamp(min=0)).long()  # in [0, deepest)
+    level = torch.where(u < p_uncond, -1, torch.where(u < p_uncond + p_cut, random_level, deepest))
+    return cut_lineage(ids, level)
+
+
+# -----------------------------------------------------------------------------
+# The DDPM process
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T
+    schedule: str = "cosine"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal, better at 32x32)
+
+
+class Diffusion(nn.Module):
+    """The forward process q(x_t | x_0), the loss of Algorithm 1 and the samplers."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        T = cfg.timesteps
+        if cfg.schedule == "linear":
+            beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        elif cfg.schedule == "cosine":
+            # alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta clipped at 0.999 (improved DDPM, eq. 17)
+            s = 0.008
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"unknown schedule '{cfg.schedule}' (use 'linear' or 'cosine')")
+        self.T = T
+        self.register_buffer("beta", beta.float())  # \beta_t, t = 0..T-1 (the paper's 1..T)
+        self.register_buffer("alpha_bar", torch.cumprod(1 - beta, dim=0).float())  # \bar\alpha_t
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (DDPM eq. 4)."""
+        a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def loss(self, model, x0, ids, generator=None):
+        """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return (eps - model(self.q_sample(x0, t, eps), t, ids)).pow(2).mean()
+
+    @torch.inference_mode()
+    def sample(self, eps_fn, shape, steps=50, eta=0.0, generator=None, device="cpu", x_T=None):
+        """Draw x_0 by walking `steps` evenly spaced timesteps from T down to 0.
+
+        This is DDIM (Song et al. 2021, eq. 12) with a noise level eta:
+        eta = 0 is the deterministic DDIM sampler; eta = 1 is ancestral DDPM
+        (Algorithm 2 with sigma_t^2 = the posterior variance beta~_t), on the
+        respaced schedule when steps < T. eps_fn(x_t, t) -> eps (guidance lives in it).
+        x_T, if given, is the starting noise; otherwise it is drawn from `generator`.
+        """
+        ts = torch.linspace(self.T - 1, 0, steps, device=device).round().long()  # e.g. 999, 979, ..., 0
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+        for i, t in enumerate(ts):
+            a_t = self.alpha_bar[t]
+            a_prev = self.alpha_bar[ts[i + 1]] if i + 1 < steps else torch.ones((), device=device)
+            eps = eps_fn(x, t.expand(shape[0]))
+            x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # predicted x_0, clipped to the data range
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # eps consistent with the clipped x_0
+            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+            noise = torch.randn(shape, generator=generator, device=device)
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise  # clamp: rounding
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Guidance: TaxaGuide and classifier-free guidance in one formula
+
+
+def negative_lineage(ids, guide_from, root_level):
+    """The lineage that guidance pushes away from.
+
+    "null"   -> nothing known: vanilla classifier-free guidance
+    "parent" -> the lineage one rank up: push towards what separates siblings
+    "root"   -> the lineage cut at the first stage's rank: the paper's TaxaGuide
+    """
+    if guide_from == "null":
+        return torch.zeros_like(ids)
+    if guide_from == "parent":
+        return cut_lineage(ids, deepest_rank(ids) - 1)
+    if guide_from == "root":
+        return cut_lineage(ids, root_level)
+    raise ValueError(f"unknown guidance negative '{guide_from}' (use null, parent or root)")
+
+
+def guided_eps_fn(model, ids, scale, guide_from="root", root_level=2):
+    """eps = eps(c_neg) + s * (eps(c) - eps(c_neg)); both halves in one batch. s = 1 is plain conditioning."""
+    if scale == 1.0:
+        return lambda x, t: model(x, t, ids)
+    both = torch.cat([ids, negative_lineage(ids, guide_from, root_level)])  # (2B, R)
+
+    def eps_fn(x, t):
+        eps_c, eps_neg = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return eps_neg + scale * (eps_c - eps_neg)
+    return eps_fn
+
+
+# -----------------------------------------------------------------------------
+# EMA and checkpoints
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, in one fused call over all tensors."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def save_checkpoint(path, **state):
+    """Write plain data atomically: a killed run leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Open a checkpoint (weights_only: no pickled code is run) and rebuild the EMA model from it.
+
+    Returns (ema model in eval mode, checkpoint dict).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train one first with `python train.py`")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(ckpt)
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), ckpt
+
+
+def build_model(ckpt):
+    """A fresh TaxaDiffusion shaped like the one in the checkpoint (configs are stored as dicts)."""
+    return TaxaDiffusion(UNetConfig(**ckpt["unet_config"]), ckpt["vocab_sizes"])
+
+
+def save_grid(x, path, ncols, labels=None):
+    """Save images x in [-1, 1], (N, C, H, W), as a PNG grid of N / ncols rows, each row's label on its left."""
+    N, C, H, W = x.shape
+    rows = N // ncols
+    x = ((x[:, :3].clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    grid = x.view(rows, ncols, 3, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, ncols * W, 3)  # (rows*H, cols*W, 3)
+    img = Image.fromarray(grid.numpy())
+    if labels:
+        margin = 7 * max(len(s) for s in labels) + 6  # the default bitmap font is ~6 px wide
+        canvas = Image.new("RGB", (margin + img.width, img.height), "white")
+        canvas.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(canvas)
+        for r, label in enumerate(labels):
+            draw.text((3, r * H + H // 2 - 5), label, fill="black")
+        img = canvas
+    img.save(path)

@@ -1,0 +1,90 @@
+"""
+Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
+
+    python sample.py --lineage "Aves/Passeriformes/..."        # 16 passerines -> out/samples.png
+    python sample.py --lineage "Corvus corax" --guide-from parent
+    python sample.py --lineage "Parus major" --refine           # one row per rank, class -> species
+    python sample.py --list                                     # the taxonomy the checkpoint knows
+
+Names may start at any rank and are matched ignoring case ('_' reads as a
+space); '...' or a missing tail leaves the finer ranks unspecified.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import torch
+
+from model import Diffusion, DiffusionConfig, cut_lineage, deepest_rank, guided_eps_fn, load_checkpoint, save_grid
+from taxonomy import RANKS, LineageError, Taxonomy
+
+
+def finest_checkpoint(folder):
+    """The checkpoint of the finest rank trained in `folder` (out/species.pt before out/order.pt)."""
+    found = [os.path.join(folder, f"{r}.pt") for r in RANKS if os.path.exists(os.path.join(folder, f"{r}.pt"))]
+    if not found:
+        raise FileNotFoundError(f"no stage checkpoint (<rank>.pt) in {folder}/: run `python train.py` first")
+    return found[-1]
+
+
+def main(args):
+    args.ckpt = args.ckpt or finest_checkpoint("out")
+    model, ckpt = load_checkpoint(args.ckpt, args.device)
+    taxonomy = Taxonomy(ckpt["lineages"])
+    if args.list:
+        print(f"{args.ckpt}: trained down to {ckpt['level']}")
+        taxonomy.print_tree()
+        return
+    diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
+    level = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..level
+    root_level = RANKS.index(ckpt["stages"][0])
+    ids = torch.tensor(taxonomy.parse(args.lineage), device=args.device)  # (R,)
+    if deepest_rank(ids[None]).item() > level:
+        print(f"note: this checkpoint was trained down to {ckpt['level']}; finer ranks of the lineage are ignored")
+        ids = cut_lineage(ids[None], level)[0]
+    name = taxonomy.lineage_str(ids.tolist())
+    size = model.unet.cfg.image_size
+    shape = (args.n, model.unet.cfg.in_channels, size, size)
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    x_T = torch.randn(shape, generator=gen, device=args.device)  # the same seed gives the same pictures
+
+    # one row for the lineage, or (--refine) one row per rank from the first stage down to it, same noise
+    deepest = deepest_rank(ids[None]).item()
+    levels = range(min(root_level, deepest), deepest + 1) if args.refine else [deepest]
+    rows, labels = [], []
+    for lv in levels:
+        row_ids = cut_lineage(ids[None], lv).expand(args.n, -1)  # (n, R)
+        eps_fn = guided_eps_fn(model, row_ids, args.guidance, args.guide_from, root_level)
+        rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, eta=1.0 if args.sampler == "ddpm" else 0.0,
+                                     generator=gen, device=args.device, x_T=x_T))
+        labels.append(taxonomy.vocab[lv][ids[lv].item()])
+    out = args.out or os.path.join("out", "refine.png" if args.refine else "samples.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_grid(torch.cat(rows), out, args.n, labels=labels if args.refine else None)
+    print(f"{len(rows) * args.n} images of '{name}' -> {out}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
+    p.add_argument("--n", type=int, default=16, help="images (per row with --refine)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale s; 1 = no guidance")
+    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="root",
+                   help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
+    p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", default=None, help="default: the finest stage checkpoint in out/")
+    p.add_argument("--out", default=None, help="PNG to write (default: out/samples.png, or out/refine.png)")
+    p.add_argument("--list", action="store_true", help="print the checkpoint's taxonomy tree and exit")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (LineageError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,391 @@
+"""
+The data side of TaxaDiffusion: ranks, the taxonomy tree, lineage parsing,
+datasets, and the built-in toy tree of life.
+
+Nothing here knows about the network. A lineage becomes a row of integer ids,
+one per rank (0 = unknown), and that is all the model ever sees.
+
+    python taxonomy.py            # prints the toy tree and writes out/toy_tree.png
+
+Read next: unet.py (the network), then model.py (diffusion + conditioning).
+"""
+import colorsys
+import difflib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+UNKNOWN = "<unknown>"  # id 0 at every rank
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def normalize(name):
+    """Matching key for a taxon name: case-insensitive, '_' reads as a space."""
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+class LineageError(ValueError):
+    """A lineage string that does not fit the tree; the message says how to fix it."""
+
+
+# -----------------------------------------------------------------------------
+# The taxonomy tree
+
+
+class Taxonomy:
+    """A tree of names, one vocabulary per rank; built from full lineages.
+
+    A lineage is a tuple of len(RANKS) names, None where the rank is unknown.
+    vocab[r][i] is the name with id i at rank r; vocab[r][0] is UNKNOWN.
+    """
+
+    def __init__(self, lineages):
+        self.vocab = [[UNKNOWN] for _ in RANKS]
+        self.index = [{} for _ in RANKS]  # normalized name -> id, per rank
+        self.parent = [{} for _ in RANKS]  # id -> (rank, id) of the nearest known ancestor
+        for lineage in lineages:
+            self.add(lineage)
+
+    def add(self, lineage):
+        """Insert a lineage; returns its ids. A taxon under two parents is an error."""
+        assert len(lineage) == len(RANKS), f"a lineage has {len(RANKS)} ranks, got {lineage}"
+        ids, above = [], None  # above = (rank, id) of the nearest known ancestor
+        for r, name in enumerate(lineage):
+            if not name:
+                ids.append(0)
+                continue
+            key = normalize(name)
+            i = self.index[r].get(key)
+            if i is None:
+                i = self.index[r][key] = len(self.vocab[r])
+                self.vocab[r].append(name)
+                self.parent[r][i] = above
+            elif self.parent[r][i] != above:
+                raise LineageError(
+                    f"{RANKS[r]} '{name}' is placed under both {self.describe(self.parent[r][i])} "
+                    f"and {self.describe(above)}; fix the data so each taxon has one parent")
+            ids.append(i)
+            above = (r, i)
+        return ids
+
+    def describe(self, node):
+        return "the root" if node is None else f"{RANKS[node[0]]} '{self.vocab[node[0]][node[1]]}'"
+
+    def ancestors(self, r, i):
+        """Ids of the full lineage that ends at taxon i of rank r (0 below r)."""
+        ids = [0] * len(RANKS)
+        node = (r, i)
+        while node is not None:
+            ids[node[0]] = node[1]
+            node = self.parent[node[0]][node[1]]
+        return ids
+
+    def children(self, node):
+        """(rank, id) of the taxa whose nearest known ancestor is node (None = root)."""
+        return [(r, i) for r in range(len(RANKS)) for i, p in self.parent[r].items() if p == node]
+
+    def size(self, r):
+        return len(self.vocab[r]) - 1
+
+    def lineage_str(self, ids):
+        return "/".join(self.vocab[r][i] for r, i in enumerate(ids) if i)
+
+    def parse(self, text):
+        """'Aves/Passeriformes/...' -> ids per rank (0 = unspecified).
+
+        Names may start at any rank; '...' or a missing tail means "unspecified
+        below"; each name must lie under the one before it. The deepest name
+        fixes the whole lineage above it.
+        """
+        names = [n.strip() for n in text.strip().split("/")]
+        while names and names[-1] in ("", "...", "…"):
+            names.pop()
+        if not names or any(n in ("", "...", "…") for n in names):
+            raise LineageError(f"cannot read lineage '{text}': write names from coarse to fine, "
+                               "separated by '/', e.g. 'Aves/Passeriformes/...'")
+        node, start = None, 0  # node = (rank, id) of the last name matched
+        for name in names:
+            key = normalize(name)
+            hits = [(r, self.index[r][key]) for r in range(start, len(RANKS)) if key in self.index[r]]
+            if not hits:
+                raise LineageError(self._unknown(name, node, start))
+            r, i = hits[0]
+            lineage = self.ancestors(r, i)
+            if node is not None and lineage[node[0]] != node[1]:
+                raise LineageError(
+                    f"{RANKS[r]} '{self.vocab[r][i]}' is not under {self.describe(node)}: its "
+                    f"{RANKS[node[0]]} is '{self.vocab[node[0]][lineage[node[0]]] if lineage[node[0]] else '?'}'"
+                    f" (write '{self.lineage_str(lineage)}')")
+            node, start = (r, i), r + 1
+        return self.ancestors(*node)
+
+    def _unknown(self, name, node, start):
+        # suggest first among the children of the previous name, then anywhere
+        near = [self.vocab[r][i] for r, i in self.children(node)] if node else []
+        everywhere = [n for r in range(start, len(RANKS)) for n in self.vocab[r][1:]]
+        guesses = difflib.get_close_matches(name, near, n=3, cutoff=0.6) or \
+            difflib.get_close_matches(name, everywhere, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else \
+            "see `python sample.py --list` for the names in this checkpoint"
+        where = f" under {self.describe(node)}" if node else ""
+        return f"unknown taxon '{name}'{where}: {hint}"
+
+    def lineages(self):
+        """Every leaf-to-root lineage as names: the plain-data form saved in checkpoints."""
+        internal = {p for r in range(len(RANKS)) for p in self.parent[r].values() if p}
+        return [[self.vocab[q][j] if j else None for q, j in enumerate(self.ancestors(r, i))]
+                for r in range(len(RANKS)) for i in range(1, len(self.vocab[r]))
+                if (r, i) not in internal]
+
+    def stage_ranks(self):
+        """Ranks worth a training stage: those that split some taxon into several.
+
+        A rank with a single taxon (one kingdom) adds nothing to learn and is
+        folded into the first stage that does.
+        """
+        stages, prev = [], 1
+        for r in range(len(RANKS)):
+            if self.size(r) > prev:
+                stages.append(r)
+            prev = max(prev, self.size(r))
+        return stages
+
+    def print_tree(self, node=None, depth=0):
+        for r, i in self.children(node):
+            print("  " * depth + f"{self.vocab[r][i]}  ({RANKS[r]})")
+            self.print_tree((r, i), depth + 1)
+
+
+# -----------------------------------------------------------------------------
+# The built-in toy tree of life
+#
+# 3 classes x 2 orders x 2 families x 2 genera x 2 species = 48 real species.
+# Each rank carries one visual trait, the way morphology follows ancestry:
+#   class   -> body plan (bird, fish, insect silhouette)
+#   order   -> hue of the body
+#   family  -> pattern type on the body (stripes or spots)
+#   genus   -> pattern colour (dark or light)
+#   species -> colour of a small accent part (tail, tail fin, head): black or white
+
+TOY_TREE = {
+    ("Chordata", "Aves"): {
+        "Passeriformes": {"Corvidae": {"Corvus": ["corax", "corone"], "Pica": ["pica", "serica"]},
+                          "Paridae": {"Parus": ["major", "minor"], "Poecile": ["atricapillus", "palustris"]}},
+        "Strigiformes": {"Strigidae": {"Bubo": ["bubo", "virginianus"], "Strix": ["aluco", "varia"]},
+                         "Tytonidae": {"Tyto": ["alba", "furcata"], "Phodilus": ["badius", "assimilis"]}},
+    },
+    ("Chordata", "Actinopterygii"): {
+        "Cypriniformes": {"Cyprinidae": {"Cyprinus": ["carpio", "rubrofuscus"], "Carassius": ["auratus", "carassius"]},
+                          "Cobitidae": {"Cobitis": ["taenia", "elongata"], "Misgurnus": ["anguillicaudatus", "fossilis"]}},
+        "Tetraodontiformes": {"Tetraodontidae": {"Tetraodon": ["mbu", "lineatus"], "Takifugu": ["rubripes", "niphobles"]},
+                              "Balistidae": {"Balistes": ["capriscus", "vetula"], "Rhinecanthus": ["aculeatus", "rectangulus"]}},
+    },
+    ("Arthropoda", "Insecta"): {
+        "Lepidoptera": {"Papilionidae": {"Papilio": ["machaon", "glaucus"], "Parnassius": ["apollo", "mnemosyne"]},
+                        "Nymphalidae": {"Vanessa": ["atalanta", "cardui"], "Danaus": ["plexippus", "chrysippus"]}},
+        "Coleoptera": {"Coccinellidae": {"Coccinella": ["septempunctata", "magnifica"], "Harmonia": ["axyridis", "quadripunctata"]},
+                       "Carabidae": {"Carabus": ["auratus", "nemoralis"], "Calosoma": ["sycophanta", "scrutator"]}},
+    },
+}
+
+
+def toy_species():
+    """[(lineage names, traits)] for the 48 toy species, in a fixed order.
+
+    traits = (class index, order index, family, genus, species) where the last
+    three are the position (0/1) of the taxon among its siblings.
+    """
+    out, n_order = [], 0
+    for c, ((phylum, cls), orders) in enumerate(TOY_TREE.items()):
+        for order, families in orders.items():
+            for f, (family, genera) in enumerate(families.items()):
+                for g, (genus, epithets) in enumerate(genera.items()):
+                    for s, epithet in enumerate(epithets):
+                        lineage = ("Animalia", phylum, cls, order, family, genus, f"{genus} {epithet}")
+                        out.append((lineage, (c, n_order, f, g, s)))
+            n_order += 1
+    return out
+
+
+def _in_triangle(u, v, a, b, c):
+    """Boolean mask of points (u, v) inside triangle abc (any winding)."""
+    def side(p, q):
+        return (u - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (v - q[1])
+    d1, d2, d3 = side(a, b), side(b, c), side(c, a)
+    return ~(((d1 < 0) | (d2 < 0) | (d3 < 0)) & ((d1 > 0) | (d2 > 0) | (d3 > 0)))
+
+
+def _ellipse(u, v, cu, cv, ru, rv):
+    return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1
+
+
+def _near_segment(u, v, a, b, width):
+    pu, pv, du, dv = u - a[0], v - a[1], b[0] - a[0], b[1] - a[1]
+    t = np.clip((pu * du + pv * dv) / (du * du + dv * dv), 0, 1)
+    return (pu - t * du) ** 2 + (pv - t * dv) ** 2 <= width ** 2
+
+
+def render_toy(traits, rng, size=32, supersample=4):
+    """Draw one toy animal as a (size, size, 3) uint8 image.
+
+    Shapes are drawn as hard masks at supersample x the size and averaged down,
+    which anti-aliases the edges. rng sets the pose and background.
+    """
+    cls, order, family, genus, species = traits
+    n = size * supersample
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n * 2 - 1  # pixel centres in [-1, 1], (n, n) each
+
+    # pose: where the animal sits, how big, tilted, facing left or right
+    cx, cy = rng.uniform(-0.15, 0.15, 2)
+    scale = rng.uniform(0.55, 0.72)
+    theta = rng.uniform(-0.35, 0.35)
+    flip = rng.choice([-1.0, 1.0])
+    u = ((x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)) / scale * flip  # body frame, facing +u
+    v = (-(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)) / scale
+
+    # colours: background is a muted random colour, the body's hue is the order's
+    bg = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.25), rng.uniform(0.45, 0.75))
+    hue = (order / 6 + rng.normal(0, 0.01)) % 1.0
+    body = np.array(colorsys.hsv_to_rgb(hue, 0.75, 0.85))
+    pattern_colour = body * 0.3 if genus == 0 else body * 0.25 + 0.75  # dark or light
+    accent = np.array([0.08, 0.08, 0.08]) if species == 0 else np.array([0.97, 0.97, 0.97])
+    dark = np.array([0.1, 0.1, 0.1])
+
+    if cls == 0:  # bird: body, head, beak, tail (accent), eye
+        body_mask = _ellipse(u, v, 0.0, 0.1, 0.5, 0.32) | _ellipse(u, v, 0.45, -0.25, 0.24, 0.24)
+        accent_mask = _in_triangle(u, v, (-0.35, 0.05), (-0.9, -0.15), (-0.9, 0.3))
+        extra = [(_in_triangle(u, v, (0.62, -0.33), (0.62, -0.17), (0.9, -0.25)), np.array([0.95, 0.7, 0.1])),
+                 (_ellipse(u, v, 0.52, -0.3, 0.07, 0.07), dark)]
+    elif cls == 1:  # fish: body, tail fin (accent), dorsal fin, eye
+        body_mask = _ellipse(u, v, 0.08, 0.0, 0.6, 0.34)
+        accent_mask = _in_triangle(u, v, (-0.42, 0.0), (-0.9, -0.35), (-0.9, 0.35))
+        extra = [(_in_triangle(u, v, (-0.15, -0.3), (0.2, -0.3), (-0.2, -0.55)), body * 0.6),
+                 (_ellipse(u, v, 0.45, -0.07, 0.07, 0.07), dark)]
+    else:  # insect: wings and abdomen (body), thorax, head (accent), antennae
+        body_mask = (_ellipse(u, v, -0.05, -0.38, 0.38, 0.26) | _ellipse(u, v, -0.05, 0.38, 0.38, 0.26)
+                     | _ellipse(u, v, -0.4, 0.0, 0.4, 0.16))
+        accent_mask = _ellipse(u, v, 0.42, 0.0, 0.16, 0.16)
+        extra = [(_ellipse(u, v, 0.15, 0.0, 0.18, 0.15), dark),
+                 (_near_segment(u, v, (0.5, -0.05), (0.85, -0.35), 0.035)
+                  | _near_segment(u, v, (0.5, 0.05), (0.85, 0.35), 0.035), dark)]
+
+    # family -> pattern type drawn on the body, in the body frame
+    if family == 0:
+        pattern = np.sin(u * 14.0) > 0.35  # stripes across the body
+    else:
+        pattern = ((u * 3.5) % 1 - 0.5) ** 2 + ((v * 3.5) % 1 - 0.5) ** 2 < 0.09  # spots
+
+    img = np.empty((n, n, 3))
+    img[:] = bg
+    img[body_mask] = body
+    img[body_mask & pattern] = pattern_colour
+    img[accent_mask] = accent
+    for mask, colour in extra:
+        img[mask] = colour
+    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # (size, size, 3)
+    return (img * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def toy_dataset(per_species=64, size=32, seed=0):
+    """Render the toy tree: (images uint8 (N, 3, size, size), lineages as names)."""
+    images, lineages = [], []
+    for s, (lineage, traits) in enumerate(toy_species()):
+        for k in range(per_species):
+            rng = np.random.default_rng([seed, s, k])  # deterministic in (seed, species, index)
+            images.append(render_toy(traits, rng, size))
+            lineages.append(lineage)
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    return images, lineages
+
+
+# -----------------------------------------------------------------------------
+# Reading a folder tree: root/Aves/Passeriformes/Corvidae/Corvus/Corvus corax/*.jpg
+
+
+def load_image(path, size):
+    """Open an image, centre-crop it square and resize: uint8 (3, size, size)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        m = min(w, h)
+        im = im.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m))
+        im = im.resize((size, size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, size, size)
+
+
+def folder_dataset(root, size=32, top_rank=None):
+    """Images under root whose folder path is the lineage; the deepest folder is the leaf.
+
+    top_rank names the rank of the top folders; by default it is chosen so
+    that the deepest folders are species.
+    """
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
+    depth = max(len(p.relative_to(root).parts) - 1 for p in files)
+    if depth > len(RANKS):
+        raise ValueError(f"{root}: folders nest {depth} deep but there are only {len(RANKS)} ranks")
+    start = RANKS.index(top_rank) if top_rank else len(RANKS) - depth
+    images, lineages, skipped = [], [], []
+    for p in files:
+        folders = p.relative_to(root).parts[:-1]
+        if not folders or start + len(folders) > len(RANKS):
+            raise ValueError(f"{p}: the folder path does not fit ranks {RANKS[start:]}")
+        try:
+            images.append(load_image(p, size))
+        except OSError:
+            skipped.append(p)
+            continue
+        lineage = [None] * len(RANKS)
+        lineage[start:start + len(folders)] = folders
+        lineages.append(tuple(lineage))
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} unreadable images; first: {skipped[0]}")
+    if not images:
+        raise ValueError(f"no readable images under {root}")
+    return torch.stack(images), lineages
+
+
+class TaxonDataset(torch.utils.data.Dataset):
+    """(image in [-1, 1] as (3, H, W) float, ids per rank as (len(RANKS),) long)."""
+
+    def __init__(self, images, lineages, taxonomy, flip=True):
+        self.images = images  # uint8 (N, 3, H, W), kept small in memory
+        self.ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
+        self.flip = flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 127.5 - 1
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.ids[i]
+
+
+def load_data(data=None, size=32, per_species=64, seed=0):
+    """(images, lineages) from the toy tree (data=None) or a folder tree."""
+    if data is None or data == "toy":
+        return toy_dataset(per_species, size, seed)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data}: not a folder (give a folder tree root/Class/Order/.../*.jpg)")
+    return folder_dataset(data, size)
+
+
+if __name__ == "__main__":
+    from torchvision.utils import save_image
+
+    images, lineages = toy_dataset(per_species=8)
+    taxonomy = Taxonomy(lineages)
+    taxonomy.print_tree()
+    os.makedirs("out", exist_ok=True)
+    # 4 images per species, species in tree order: each row shows 4 species
+    first4 = images.view(48, 8, 3, 32, 32)[:, :4].reshape(-1, 3, 32, 32)  # (48*4, 3, H, W)
+    save_image(first4.float() / 255, "out/toy_tree.png", nrow=16, padding=1)
+    print(f"{len(images)} images of {taxonomy.size(6)} species -> out/toy_tree.png")

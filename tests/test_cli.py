@@ -1,0 +1,80 @@
+"""A tiny train -> sample run through the command lines, as a user would type them."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ["--size", "tiny", "--steps", "3", "--batch-size", "8", "--per-species", "2",
+            "--grid-cols", "2", "--grid-steps", "2", "--device", "cpu"]
+
+
+def run(script, *args, cwd=ROOT, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    run("train.py", "--level", "order", "--out", "out", *TINY_RUN, cwd=work)
+    return work
+
+
+def test_train_writes_each_stage(trained):
+    out = trained / "out"
+    for level in ["class", "order"]:
+        ckpt = torch.load(out / f"{level}.pt", weights_only=True)  # plain data only
+        assert ckpt["level"] == level and ckpt["stages"] == ["class", "order"]
+        assert ckpt["train_config"]["steps"] == 3
+        grid = Image.open(out / f"{level}.png")
+        rows = {"class": 3, "order": 6}[level]  # one row per taxon of that rank
+        assert grid.height == rows * 32
+    assert "stage order step 3/3 loss" in (out / "train.log").read_text()
+    assert not (out / "phylum.pt").exists()  # coarser ranks fold into the first stage
+
+
+def test_next_level_reuses_earlier_stages(trained):
+    before = (trained / "out" / "order.pt").stat().st_mtime_ns
+    proc = run("train.py", "--level", "family", "--out", "out", *TINY_RUN, cwd=trained)
+    assert "using out/order.pt" in proc.stdout
+    assert (trained / "out" / "order.pt").stat().st_mtime_ns == before  # nothing already written is lost
+    assert torch.load(trained / "out" / "family.pt", weights_only=True)["level"] == "family"
+
+
+def test_sample_partial_lineage(trained):
+    run("sample.py", "--lineage", "Aves/Passeriformes/...", "--n", "4", "--steps", "2", cwd=trained)
+    assert Image.open(trained / "out" / "samples.png").size == (4 * 32, 32)
+    first = (trained / "out" / "samples.png").read_bytes()
+    run("sample.py", "--lineage", "aves/passeriformes", "--n", "4", "--steps", "2", cwd=trained)
+    assert (trained / "out" / "samples.png").read_bytes() == first  # same seed, same picture
+
+
+def test_sample_refine_figure(trained):
+    run("sample.py", "--lineage", "Parus major", "--refine", "--n", "3", "--steps", "2", "--sampler", "ddpm",
+        "--out", "refine.png", "--ckpt", "out/order.pt", cwd=trained)
+    assert Image.open(trained / "refine.png").height == 2 * 32  # class row, order row
+
+
+def test_sample_list(trained):
+    out = run("sample.py", "--list", cwd=trained).stdout
+    assert "Passeriformes  (order)" in out and "Corvus corax  (species)" in out
+
+
+@pytest.mark.parametrize("lineage,hint", [("Aves/Paseriformes", "did you mean 'Passeriformes'"),
+                                          ("Insecta/Passeriformes", "Aves/Passeriformes")])
+def test_bad_lineage_is_one_clear_line(trained, lineage, hint):
+    proc = run("sample.py", "--lineage", lineage, cwd=trained, check=False)
+    assert proc.returncode != 0
+    assert hint in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sample_without_checkpoint_is_one_clear_line(tmp_path):
+    proc = run("sample.py", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "python train.py" in proc.stderr and "Traceback" not in proc.stderr

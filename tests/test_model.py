@@ -1,0 +1,162 @@
+import torch
+import torch.nn as nn
+
+from model import (Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, build_model, condition_dropout,
+                   cut_lineage, deepest_rank, guided_eps_fn, load_checkpoint, negative_lineage, save_checkpoint,
+                   update_ema)
+from unet import SIZES, UNet, UNetConfig, attention, attention_reference
+
+TINY = UNetConfig(**SIZES["tiny"])
+VOCAB = [2, 3, 4, 5, 6, 7, 9]  # ids per rank, 0 = unknown
+
+
+def randomize(module, seed=0, std=0.1):
+    """Give every parameter random values (zero-initialised layers would hide the inputs' effect)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def test_unet_shapes_pixels_and_latents():
+    for cfg in [TINY, UNetConfig(**{**SIZES["tiny"], "in_channels": 4, "image_size": 16})]:
+        net = UNet(cfg)
+        x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+        out = net(x, torch.tensor([0, 999]), torch.randn(2, 8, cfg.context_dim))
+        assert out.shape == x.shape
+
+
+def test_default_size_fits_a_cpu():
+    n = sum(p.numel() for p in UNet(UNetConfig()).parameters())
+    assert 1e6 <= n <= 3e6
+
+
+def test_attention_matches_softmax_definition():
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention_reference(q, k, v), expected)
+    torch.testing.assert_close(attention(q, k, v), expected)
+
+
+def test_changing_the_lineage_changes_the_output():
+    model = randomize(TaxaDiffusion(TINY, VOCAB))
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
+    a = model(x, t, torch.tensor([[1, 1, 1, 2, 3, 4, 5]]))
+    b = model(x, t, torch.tensor([[1, 1, 1, 2, 3, 4, 6]]))  # a sibling species
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_conditioner_sums_down_the_lineage():
+    cond = randomize(RankConditioner(VOCAB, 16))
+    ids = torch.tensor([[1, 1, 1, 2, 3, 4, 5], [1, 1, 1, 2, 3, 4, 6], [1, 1, 1, 2, 0, 0, 0]])
+    tok = cond(ids)  # (3, 8, 16): null token + one per rank
+    assert tok.shape == (3, 8, 16)
+    torch.testing.assert_close(tok[0, :7], tok[1, :7])  # siblings share every token but the species one
+    assert (tok[0, 7] - tok[1, 7]).abs().max() > 0
+    # token r = sum of embeddings 0..r + rank vector; unknown ranks add nothing
+    e = sum(cond.embed[r].weight[ids[2, r]] for r in range(4))
+    torch.testing.assert_close(tok[2, 7], e + cond.rank_vec[6])
+    # with the species table at zero (as when its stage begins), a species starts exactly as its genus
+    nn.init.zeros_(cond.embed[6].weight)
+    torch.testing.assert_close(cond(ids[:1]), cond(cut_lineage(ids[:1], 5)))
+
+
+def test_cut_deepest_and_dropout():
+    ids = torch.tensor([[1, 1, 2, 3, 4, 5, 6]]).repeat(4000, 1)
+    assert cut_lineage(ids[:1], 3).tolist() == [[1, 1, 2, 3, 0, 0, 0]]
+    assert deepest_rank(torch.tensor([[1, 2, 0, 0, 0, 0, 0], [0] * 7])).tolist() == [1, -1]
+    out = condition_dropout(ids, p_uncond=0.1, p_cut=0.2, generator=torch.Generator().manual_seed(0))
+    d = deepest_rank(out)
+    assert abs((d == -1).float().mean() - 0.1) < 0.02
+    assert abs(((d >= 0) & (d < 6)).float().mean() - 0.2) < 0.02
+    assert torch.equal(out, cut_lineage(ids, d))  # dropout only ever cuts the tail
+
+
+def test_schedules():
+    for schedule in ["linear", "cosine"]:
+        d = Diffusion(DiffusionConfig(schedule=schedule))
+        assert d.beta.shape == (1000,) and (d.beta > 0).all() and (d.beta < 1).all()
+        assert (d.alpha_bar[1:] < d.alpha_bar[:-1]).all()  # strictly more noise at every step
+        assert d.alpha_bar[0] > 0.99 and d.alpha_bar[-1] < 1e-3  # x_T is almost pure noise
+        torch.testing.assert_close(d.alpha_bar, torch.cumprod(1 - d.beta.double(), 0).float())
+    # q_sample has the moments of eq. 4
+    d = Diffusion(DiffusionConfig())
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    xt = d.q_sample(x0, torch.full((20000,), 300), torch.randn_like(x0))
+    a = d.alpha_bar[300]
+    assert abs(xt.mean() - a.sqrt() * 0.5) < 0.02 and abs(xt.var() - (1 - a)) < 0.02
+
+
+def test_samplers_recover_a_point_mass():
+    # For data that is always x*, the exact eps is (x_t - sqrt(a) x*) / sqrt(1 - a); both samplers must land on x*.
+    d = Diffusion(DiffusionConfig())
+    x_star = torch.rand(2, 3, 4, 4) * 1.6 - 0.8
+
+    def eps_fn(x, t):
+        a = d.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x_star) / (1 - a).sqrt()
+    for eta in [0.0, 1.0]:
+        for steps in [3, 20]:
+            out = d.sample(eps_fn, x_star.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(out, x_star, atol=1e-4, rtol=0)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model, d = TaxaDiffusion(TINY, VOCAB), Diffusion(DiffusionConfig())
+    x0 = torch.rand(8, 3, 32, 32) * 2 - 1
+    ids = torch.tensor([[1, 1, 1, 2, 3, 4, 5]]).repeat(8, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        g.manual_seed(0)  # the same t and eps every step: a fixed objective
+        loss = d.loss(model, x0, ids, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_guidance_formula_and_negatives():
+    ids = torch.tensor([[1, 1, 2, 3, 4, 5, 6]])
+    assert negative_lineage(ids, "null", 2).tolist() == [[0] * 7]
+    assert negative_lineage(ids, "parent", 2).tolist() == [[1, 1, 2, 3, 4, 5, 0]]
+    assert negative_lineage(ids, "root", 2).tolist() == [[1, 1, 2, 0, 0, 0, 0]]
+
+    def fake_model(x, t, ids):  # "eps" = how many ranks are known, per example
+        return x * 0 + (ids > 0).sum(-1).float().view(-1, 1, 1, 1)
+    eps = guided_eps_fn(fake_model, ids, 3.0, "root", 2)(torch.zeros(1, 3, 2, 2), torch.tensor([5]))
+    assert torch.allclose(eps, torch.full_like(eps, 3 + 3.0 * (7 - 3)))  # eps(c0) + s (eps(c) - eps(c0))
+
+
+def test_same_seed_same_samples():
+    model, d = randomize(TaxaDiffusion(TINY, VOCAB), std=0.02).eval(), Diffusion(DiffusionConfig())
+    ids = torch.tensor([[1, 1, 1, 2, 3, 4, 5]]).repeat(2, 1)
+    run = lambda seed: d.sample(guided_eps_fn(model, ids, 2.0), (2, 3, 32, 32), steps=3, eta=1.0,
+                                generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_ema_update():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    expected = [0.9 * p + 0.1 * q for p, q in zip(a.parameters(), b.parameters())]
+    update_ema(a, b, 0.9)
+    for p, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(p, e)
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    from dataclasses import asdict
+    model = randomize(TaxaDiffusion(TINY, VOCAB))
+    path = tmp_path / "genus.pt"
+    save_checkpoint(path, model=model.state_dict(), ema=model.state_dict(), unet_config=asdict(TINY),
+                    vocab_sizes=VOCAB, lineages=[["Animalia", None, "Aves"]], level="genus")
+    assert not (tmp_path / "genus.pt.tmp").exists()
+    loaded, ckpt = load_checkpoint(path)  # uses torch.load(weights_only=True)
+    assert ckpt["level"] == "genus" and isinstance(build_model(ckpt), TaxaDiffusion)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)

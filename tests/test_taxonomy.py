@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from taxonomy import RANKS, LineageError, TaxonDataset, Taxonomy, folder_dataset, render_toy, toy_dataset, toy_species
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return Taxonomy([lineage for lineage, _ in toy_species()])
+
+
+def names(tax, ids):
+    return [tax.vocab[r][i] if i else None for r, i in enumerate(ids)]
+
+
+def test_toy_tree_shape(toy):
+    assert toy.size(RANKS.index("species")) >= 48
+    assert {"Aves", "Actinopterygii", "Insecta"} <= set(toy.vocab[2])
+    assert "Passeriformes" in toy.vocab[3]
+    assert toy.stage_ranks() == [1, 2, 3, 4, 5, 6]  # one kingdom: not a stage
+
+
+def test_parse_partial_lineage_from_any_rank(toy):
+    assert names(toy, toy.parse("Aves/Passeriformes/...")) == \
+        ["Animalia", "Chordata", "Aves", "Passeriformes", None, None, None]
+    assert names(toy, toy.parse("Animalia/Chordata/Aves")) == ["Animalia", "Chordata", "Aves"] + [None] * 4
+    full = toy.parse("Corvus corax")  # a species alone fixes its whole lineage
+    assert names(toy, full) == ["Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]
+    assert toy.parse("aves/passeriformes/corvidae/CORVUS/corvus_corax") == full  # case and '_' are ignored
+    assert toy.parse("Passeriformes/Corvus") == toy.parse("Aves/Passeriformes/Corvidae/Corvus")  # gaps allowed
+
+
+def test_parse_errors_suggest_the_right_name(toy):
+    with pytest.raises(LineageError, match="did you mean 'Passeriformes'"):
+        toy.parse("Aves/Paseriformes")
+    with pytest.raises(LineageError, match="its class is 'Aves'.*Aves/Passeriformes"):
+        toy.parse("Insecta/Passeriformes")
+    with pytest.raises(LineageError, match="cannot read"):
+        toy.parse("Aves//Corvidae")
+
+
+def test_taxon_under_two_parents_is_an_error():
+    with pytest.raises(LineageError, match="genus 'Corvus' is placed under both family 'Corvidae' and family 'Paridae'"):
+        Taxonomy([(None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"),
+                  (None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone")])
+
+
+def test_lineages_round_trip(toy):
+    again = Taxonomy(toy.lineages())
+    assert again.vocab == toy.vocab
+
+
+def test_toy_images_are_deterministic_and_vary():
+    a, lin_a = toy_dataset(per_species=3, size=32, seed=1)
+    b, _ = toy_dataset(per_species=3, size=32, seed=1)
+    c, _ = toy_dataset(per_species=3, size=32, seed=2)
+    assert a.shape == (48 * 3, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)  # same (seed, species, index) -> same image
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # images vary within a species
+    assert len(lin_a) == len(a)
+    # anti-aliased: edge pixels take in-between values, not only the few flat colours
+    assert len(torch.unique(a[0].reshape(3, -1), dim=1).T) > 20
+
+
+def test_each_rank_changes_the_picture_and_finer_ranks_change_less():
+    # the same pose and background (same rng seed), traits changed one rank at a time
+    def draw(traits):
+        return render_toy(traits, np.random.default_rng(0)).astype(float)
+    base = draw((0, 0, 0, 0, 0))
+    changed = {name: np.abs(draw(t) - base).max(-1) > 30 for name, t in
+               [("class", (1, 2, 0, 0, 0)), ("order", (0, 1, 0, 0, 0)), ("species", (0, 0, 0, 0, 1))]}
+    n = {name: int(mask.sum()) for name, mask in changed.items()}
+    assert 5 < n["species"] < n["order"] and n["species"] < n["class"]  # small but visible trait
+
+
+def test_dataset_items():
+    imgs, lineages = toy_dataset(per_species=1)
+    tax = Taxonomy(lineages)
+    ds = TaxonDataset(imgs, lineages, tax)
+    x, ids = ds[5]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert ids.shape == (len(RANKS),) and tax.lineage_str(ids.tolist()) == "/".join(lineages[5])
+
+
+def test_folder_tree(tmp_path):
+    for i, path in enumerate(["Aves/Passeriformes/Corvidae/Corvus/Corvus corax",
+                              "Aves/Passeriformes/Corvidae/Corvus/Corvus corone"]):
+        (tmp_path / path).mkdir(parents=True)
+        Image.fromarray(np.full((40, 60, 3), 50 * i, np.uint8)).save(tmp_path / path / "a.jpg")
+    (tmp_path / path / "broken.jpg").write_bytes(b"not a jpeg")
+    images, lineages = folder_dataset(tmp_path, size=16)
+    assert images.shape == (2, 3, 16, 16)
+    assert lineages[0] == (None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")

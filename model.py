@@ -96,7 +96,8 @@ def condition_dropout(ids, p_uncond, p_cut, generator=None):
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000  # T
-    schedule: str = "cosine"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal, better at 32x32)
+    schedule: str = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
+    prediction: str = "v"  # what the network outputs: "eps", or "v" turned into eps by Diffusion.eps
 
 
 class Diffusion(nn.Module):
@@ -115,6 +116,9 @@ class Diffusion(nn.Module):
         else:
             raise ValueError(f"unknown schedule '{cfg.schedule}' (use 'linear' or 'cosine')")
         self.T = T
+        if cfg.prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction '{cfg.prediction}' (use 'eps' or 'v')")
+        self.prediction = cfg.prediction
         self.register_buffer("beta", beta.float())  # \beta_t, t = 0..T-1 (the paper's 1..T)
         self.register_buffer("alpha_bar", torch.cumprod(1 - beta, dim=0).float())  # \bar\alpha_t
 
@@ -123,11 +127,29 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
+    def eps(self, model, x_t, t, ids):
+        """eps_theta(x_t, t): the network's output read as a noise prediction.
+
+        With prediction="v" the network outputs v = sqrt(a) eps - sqrt(1 - a) x_0
+        (Salimans & Ho 2022) and eps = sqrt(1 - a) x_t + sqrt(a) v. Near t = T,
+        where x_t is almost pure noise, eps is then almost x_t by construction.
+        A network that must output eps itself has to copy x_t through the whole
+        UNet very precisely there, because sampling divides its error by
+        sqrt(alpha_bar_T) = 0.006 to get x_0; after minutes of training it
+        cannot, and the samples come out as coloured noise. The loss is still
+        Algorithm 1's, on eps.
+        """
+        out = model(x_t, t, ids)
+        if self.prediction == "eps":
+            return out
+        a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return (1 - a).sqrt() * x_t + a.sqrt() * out
+
     def loss(self, model, x0, ids, generator=None):
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-        return (eps - model(self.q_sample(x0, t, eps), t, ids)).pow(2).mean()
+        return (eps - self.eps(model, self.q_sample(x0, t, eps), t, ids)).pow(2).mean()
 
     @torch.inference_mode()
     def sample(self, eps_fn, shape, steps=50, eta=0.0, generator=None, device="cpu", x_T=None):
@@ -173,14 +195,14 @@ def negative_lineage(ids, guide_from, root_level):
     raise ValueError(f"unknown guidance negative '{guide_from}' (use null, parent or root)")
 
 
-def guided_eps_fn(model, ids, scale, guide_from="root", root_level=2):
+def guided_eps_fn(diffusion, model, ids, scale, guide_from="root", root_level=2):
     """eps = eps(c_neg) + s * (eps(c) - eps(c_neg)); both halves in one batch. s = 1 is plain conditioning."""
     if scale == 1.0:
-        return lambda x, t: model(x, t, ids)
+        return lambda x, t: diffusion.eps(model, x, t, ids)
     both = torch.cat([ids, negative_lineage(ids, guide_from, root_level)])  # (2B, R)
 
     def eps_fn(x, t):
-        eps_c, eps_neg = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        eps_c, eps_neg = diffusion.eps(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return eps_neg + scale * (eps_c - eps_neg)
     return eps_fn
 

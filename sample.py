@@ -55,7 +55,7 @@ def main(args):
     rows, labels = [], []
     for lv in levels:
         row_ids = cut_lineage(ids[None], lv).expand(args.n, -1)  # (n, R)
-        eps_fn = guided_eps_fn(model, row_ids, args.guidance, args.guide_from, root_level)
+        eps_fn = guided_eps_fn(diffusion, model, row_ids, args.guidance, args.guide_from, root_level)
         rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, eta=1.0 if args.sampler == "ddpm" else 0.0,
                                      generator=gen, device=args.device, x_T=x_T))
         labels.append(taxonomy.vocab[lv][ids[lv].item()])

@@ -31,7 +31,7 @@ from unet import SIZES, UNetConfig
 class TrainConfig:
     level: str = "order"  # train every stage down to this rank
     first_level: str = "class"  # the first stage; coarser ranks (kingdom, phylum) are folded into it
-    steps: int = 600  # optimizer steps per stage
+    steps: int = 500  # optimizer steps per stage
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
@@ -75,7 +75,7 @@ def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
     noise_seed = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
                              generator=gen, device=cfg.device)
     x_T = noise_seed.repeat(len(rows), 1, 1, 1)  # (rows * cols, C, H, W): row r reuses the same cols noises
-    eps_fn = guided_eps_fn(model, ids, cfg.guidance, "root", root_level)
+    eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, "root", root_level)
     x = diffusion.sample(eps_fn, x_T.shape, steps=cfg.grid_steps, x_T=x_T, device=cfg.device)
     save_grid(x, path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
 

@@ -5,8 +5,8 @@ given the timestep t and a few context tokens (the lineage's rank tokens).
     x_t (B, C, H, W), t (B,), context (B, M, D)  ->  eps (B, C, H, W)
 
 It works on any (C, H, W): pixels (3, 32, 32) by default, or VAE latents.
-Every block is: ResBlock (with the timestep) -> self-attention (at low
-resolutions) -> cross-attention to the context tokens. All attention math goes
+Every block is: ResBlock (with the timestep and the pooled context) ->
+self-attention (at low resolutions) -> cross-attention to the context tokens. All attention math goes
 through one function, `attention(q, k, v)`.
 
     python unet.py          # prints the parameter count of each named size
@@ -177,6 +177,7 @@ class UNet(nn.Module):
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
         temb_dim = 4 * cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.pooled = nn.Linear(cfg.context_dim, temb_dim)  # the last context token, added to the timestep embedding
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
 
         # encoder: remember each block's output channels, the decoder concatenates them back
@@ -206,7 +207,9 @@ class UNet(nn.Module):
         self.conv_out = zero_module(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
     def forward(self, x, t, context):
-        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, temb_dim)
+        # As in Imagen and SDXL, a pooled summary of the context joins the timestep embedding, so every
+        # ResBlock sees it; cross-attention still does the fine work. Our last token sums the whole lineage.
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels)) + self.pooled(context[:, -1])  # (B, temb_dim)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

@@ -88,6 +88,14 @@ def test_schedules():
     assert abs(xt.mean() - a.sqrt() * 0.5) < 0.02 and abs(xt.var() - (1 - a)) < 0.02
 
 
+def test_v_prediction_gives_back_eps():
+    d = Diffusion(DiffusionConfig(prediction="v"))
+    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
+    a = d.alpha_bar[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # what a perfect v-network outputs
+    torch.testing.assert_close(d.eps(lambda x_t, t, ids: v, d.q_sample(x0, t, eps), t, None), eps, atol=1e-5, rtol=0)
+
+
 def test_samplers_recover_a_point_mass():
     # For data that is always x*, the exact eps is (x_t - sqrt(a) x*) / sqrt(1 - a); both samplers must land on x*.
     d = Diffusion(DiffusionConfig())
@@ -128,14 +136,14 @@ def test_guidance_formula_and_negatives():
 
     def fake_model(x, t, ids):  # "eps" = how many ranks are known, per example
         return x * 0 + (ids > 0).sum(-1).float().view(-1, 1, 1, 1)
-    eps = guided_eps_fn(fake_model, ids, 3.0, "root", 2)(torch.zeros(1, 3, 2, 2), torch.tensor([5]))
+    eps = guided_eps_fn(Diffusion(DiffusionConfig(prediction="eps")), fake_model, ids, 3.0, "root", 2)(torch.zeros(1, 3, 2, 2), torch.tensor([5]))
     assert torch.allclose(eps, torch.full_like(eps, 3 + 3.0 * (7 - 3)))  # eps(c0) + s (eps(c) - eps(c0))
 
 
 def test_same_seed_same_samples():
     model, d = randomize(TaxaDiffusion(TINY, VOCAB), std=0.02).eval(), Diffusion(DiffusionConfig())
     ids = torch.tensor([[1, 1, 1, 2, 3, 4, 5]]).repeat(2, 1)
-    run = lambda seed: d.sample(guided_eps_fn(model, ids, 2.0), (2, 3, 32, 32), steps=3, eta=1.0,
+    run = lambda seed: d.sample(guided_eps_fn(d, model, ids, 2.0), (2, 3, 32, 32), steps=3, eta=1.0,
                                 generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))

@@ -131,13 +131,12 @@ class Diffusion(nn.Module):
         """eps_theta(x_t, t): the network's output read as a noise prediction.
 
         With prediction="v" the network outputs v = sqrt(a) eps - sqrt(1 - a) x_0
-        (Salimans & Ho 2022) and eps = sqrt(1 - a) x_t + sqrt(a) v. Near t = T,
-        where x_t is almost pure noise, eps is then almost x_t by construction.
-        A network that must output eps itself has to copy x_t through the whole
-        UNet very precisely there, because sampling divides its error by
-        sqrt(alpha_bar_T) = 0.006 to get x_0; after minutes of training it
-        cannot, and the samples come out as coloured noise. The loss is still
-        Algorithm 1's, on eps.
+        (Salimans & Ho 2022), so eps = sqrt(1 - a) x_t + sqrt(a) v, a = alpha_bar_t.
+        Near t = T, eps is then almost x_t by construction. A network that
+        outputs eps itself must copy x_t through the whole UNet very precisely
+        there, since sampling divides its error by sqrt(alpha_bar_T) = 0.006 to
+        get x_0; a small UNet trained for minutes cannot, and draws coloured
+        noise. Either way the loss is Algorithm 1's, on eps.
         """
         out = model(x_t, t, ids)
         if self.prediction == "eps":

@@ -35,6 +35,7 @@ class TrainConfig:
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
+    embed_lr_mult: float = 10.0  # learning rate of the rank embedding tables = lr * this
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
@@ -54,6 +55,8 @@ class TrainConfig:
 def stage_plan(taxonomy, first_level, level):
     """Ranks to train, coarse to fine: first_level, then every finer rank that splits a taxon, down to level."""
     first, last = RANKS.index(first_level), RANKS.index(level)
+    while taxonomy.size(first) == 0 and first < last:  # data that starts below first_level (e.g. at order)
+        first += 1
     if last < first:
         raise SystemExit(f"error: --level {level} is coarser than the first stage --first-level {first_level}")
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]
@@ -61,7 +64,7 @@ def stage_plan(taxonomy, first_level, level):
 
 def check_same_taxonomy(ckpt, lineages, path):
     """Stage checkpoints are chained by taxon id, so they must come from the same tree."""
-    if sorted(map(tuple, ckpt["lineages"])) != sorted(map(tuple, lineages)):
+    if set(map(tuple, ckpt["lineages"])) != set(map(tuple, lineages)):
         raise SystemExit(f"error: {path} was trained on another taxonomy than --data; "
                          f"use another --out or delete {path}")
 
@@ -104,7 +107,12 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
     diffusion = Diffusion(DiffusionConfig()).to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # The rank tables get a larger step: a new rank's table starts at zero and has one stage to
+    # move from "same as the parent" to "different", while the UNet keeps what it learned.
+    tables = list(model.conditioner.embed.parameters())
+    others = [p for n, p in model.named_parameters() if not n.startswith("conditioner.embed.")]
+    opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
+                            lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed + level))

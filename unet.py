@@ -21,6 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+try:  # the fused attention kernel needs triton (Linux); everything else runs without it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 @dataclass
 class UNetConfig:
@@ -34,6 +40,7 @@ class UNetConfig:
     head_dim: int = 32  # channels per attention head
     groups: int = 8  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks
+    attention_impl: str = "auto"  # "auto" (Triton kernel on CUDA, PyTorch elsewhere), "triton" or "torch"
 
 
 # named sizes; "small" is the default, fast enough to train on a laptop CPU
@@ -57,9 +64,20 @@ def attention_reference(q, k, v):
     return torch.einsum("bhnm,bhmd->bhnd", weights, v)  # (B, H, N, d)
 
 
-def attention(q, k, v):
-    """Attention used by every layer of the UNet (a fused kernel can plug in here)."""
-    return attention_reference(q, k, v)
+def attention(q, k, v, impl="auto"):
+    """Attention for every layer of the UNet: the fused Triton kernel (end of this file) or the reference.
+
+    "auto" takes the kernel where it is fast and supported (CUDA, fp16/bf16/fp32,
+    head dim <= 128) and the reference elsewhere; "triton" or "torch" force one.
+    """
+    if impl == "auto":
+        fused = triton is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        impl = "triton" if fused and q.shape[-1] <= 128 else "torch"
+    if impl == "triton":
+        return flash_attention(q, k, v)
+    if impl == "torch":
+        return attention_reference(q, k, v)
+    raise ValueError(f"unknown attention impl '{impl}' (use auto, triton or torch)")
 
 
 # -----------------------------------------------------------------------------
@@ -104,9 +122,9 @@ class ResBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map."""
 
-    def __init__(self, channels, head_dim, groups):
+    def __init__(self, channels, head_dim, groups, impl):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        self.heads, self.impl = max(1, channels // head_dim), impl
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
@@ -115,7 +133,7 @@ class SelfAttention(nn.Module):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
         q, k, v = rearrange(qkv, "b (three h d) x y -> three b h (x y) d", three=3, h=self.heads)  # 3 x (B, heads, HW, d)
-        out = attention(q, k, v)  # (B, heads, HW, d)
+        out = attention(q, k, v, self.impl)  # (B, heads, HW, d)
         out = rearrange(out, "b h (x y) d -> b (h d) x y", x=H, y=W)  # (B, C, H, W)
         return x + self.proj(out)
 
@@ -128,9 +146,9 @@ class CrossAttention(nn.Module):
     species for a small trait.
     """
 
-    def __init__(self, channels, context_dim, head_dim, groups):
+    def __init__(self, channels, context_dim, head_dim, groups, impl):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        self.heads, self.impl = max(1, channels // head_dim), impl
         self.norm = nn.GroupNorm(groups, channels)
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(context_dim, channels, bias=False)
@@ -143,7 +161,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(h), "b n (h d) -> b h n d", h=self.heads)  # (B, heads, HW, d)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)  # (B, heads, M, d)
         v = rearrange(self.to_v(context), "b m (h d) -> b h m d", h=self.heads)  # (B, heads, M, d)
-        out = attention(q, k, v)  # (B, heads, HW, d)
+        out = attention(q, k, v, self.impl)  # (B, heads, HW, d)
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, HW, C)
         return x + rearrange(out, "b (x y) c -> b c x y", x=H, y=W)  # (B, C, H, W)
 
@@ -154,8 +172,8 @@ class Block(nn.Module):
     def __init__(self, c_in, c_out, cfg, temb_dim, self_attn):
         super().__init__()
         self.res = ResBlock(c_in, c_out, temb_dim, cfg.groups, cfg.dropout)
-        self.attn = SelfAttention(c_out, cfg.head_dim, cfg.groups) if self_attn else None
-        self.cross = CrossAttention(c_out, cfg.context_dim, cfg.head_dim, cfg.groups)
+        self.attn = SelfAttention(c_out, cfg.head_dim, cfg.groups, cfg.attention_impl) if self_attn else None
+        self.cross = CrossAttention(c_out, cfg.context_dim, cfg.head_dim, cfg.groups, cfg.attention_impl)
 
     def forward(self, x, temb, context):
         x = self.res(x, temb)
@@ -223,6 +241,235 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# =============================================================================
+# Fused attention in Triton (flash attention, forward and backward)
+#
+# The plain version above builds the whole (N, M) matrix of scores. The
+# kernel below never does: each program owns BLOCK_N queries, walks over the
+# keys BLOCK_M at a time, and keeps only a running softmax (the "online
+# softmax" of Milakov & Gimelshein 2018, as used by FlashAttention):
+#
+#   m   = running max of the scores seen so far          (per query)
+#   l   = running sum of exp(score - m)                  (per query)
+#   acc = running sum of exp(score - m) * v              (per query, d wide)
+#
+# When a new block raises the max from m to m', everything summed so far is
+# rescaled by exp(m - m'), so at the end acc / l is exactly softmax(s) @ v.
+# Exponentials are taken in base 2 (exp2 is one hardware instruction), so the
+# scores are multiplied by log2(e) once, up front.
+#
+# The backward recomputes the probabilities from q, k and the saved
+# log-sum-exp instead of storing the (N, M) matrix:
+#   p  = exp(s - lse),  dv = p^T do,  dp = do v^T,
+#   ds = p * (dp - delta) with delta = rowsum(do * o),  dq = ds k,  dk = ds^T q.
+# One kernel computes dk, dv for a block of keys (looping over queries), another
+# dq for a block of queries (looping over keys): each output is written by
+# exactly one program, so there are no atomics and the result is deterministic.
+#
+# Every length is masked, so N, M and d need not be multiples of the block:
+# cross-attention has only M = 8 keys (padded to a block of 16, the smallest
+# tl.dot accepts on the GPU).
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, sm_scale, N, M, H,
+                  sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok, d_ok = offs_n < N, offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+        qk_scale = sm_scale * 1.4426950408889634  # softmax scale and 1/ln 2 in one multiply
+
+        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start in range(0, M, BLOCK_M):
+            m_idx = start + offs_m
+            m_ok = m_idx < M
+            k = tl.load(K + b * skb + h * skh + m_idx[:, None] * skm + offs_d[None, :] * skd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+            v = tl.load(V + b * svb + h * svh + m_idx[:, None] * svm + offs_d[None, :] * svd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M), in log2 units
+            s = tl.where(m_ok[None, :], s, float("-inf"))  # padded keys get zero weight
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
+                 acc.to(O.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + pid_bh * N + offs_n, m_i + tl.log2(l_i), mask=n_ok)  # log2-sum-exp2 of the scores
+
+    @triton.jit
+    def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+        o = tl.load(O + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_N,) = rowsum(dO * O)
+        tl.store(DELTA + pid_bh * N + offs_n, delta, mask=offs_n < N)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, N, M, H,
+                       sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
+                       sdkb, sdkh, sdkm, sdkd, sdvb, sdvh, sdvm, sdvd,
+                       D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok, d_ok = offs_m < M, offs_d < D
+        kv_mask = m_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(0, N, BLOCK_N):
+            n_idx = start + offs_n
+            n_ok = n_idx < N
+            q_mask = n_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + n_idx[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + n_idx[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+            lse = tl.load(LSE + pid_bh * N + n_idx, mask=n_ok, other=0.0)
+            delta = tl.load(DELTA + pid_bh * N + n_idx, mask=n_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M), recomputed
+            p = tl.exp2(s - lse[:, None])  # the forward's softmax probabilities
+            p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_M, BLOCK_D)
+            dp = tl.dot(do, tl.trans(v))  # (BLOCK_N, BLOCK_M)
+            ds = p * (dp - delta[:, None])  # gradient of the scores (softmax backward)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_M, BLOCK_D)
+        tl.store(DK + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_d[None, :] * sdvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, N, M, H,
+                     sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
+                     sdqb, sdqh, sdqn, sdqd,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok, d_ok = offs_n < N, offs_d < D
+        q_mask = n_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+        delta = tl.load(DELTA + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start in range(0, M, BLOCK_M):
+            m_idx = start + offs_m
+            m_ok = m_idx < M
+            kv_mask = m_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + b * skb + h * skh + m_idx[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(V + b * svb + h * svh + m_idx[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
+        tl.store(DQ + b * sdqb + h * sdqh + offs_n[:, None] * sdqn + offs_d[None, :] * sdqd,
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _blocks(N, M, D):
+    """Launch configuration: 64 queries per program; 16 keys per step when there are few
+    (cross-attention), else 64; the head dim padded to a power of 2, at least 16."""
+    return dict(BLOCK_N=64, BLOCK_M=16 if M <= 16 else 64, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                num_warps=4, num_stages=3)
+
+
+def _flash_forward(q, k, v):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    o = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    blocks = _blocks(N, M, D)
+    grid = (triton.cdiv(N, blocks["BLOCK_N"]), B * H)  # one program per (query block, batch x head)
+    _attn_fwd[grid](q, k, v, o, lse, D ** -0.5, N, M, H, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                    D=D, **blocks)
+    return o, lse
+
+
+def _flash_backward(q, k, v, o, lse, do):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    blocks = _blocks(N, M, D)
+    delta = torch.empty_like(lse)  # (B*H, N)
+    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H, M, D), device=q.device, dtype=v.dtype)
+    n_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+    _attn_bwd_delta[(n_blocks, B * H)](o, do, delta, N, H, *o.stride(), *do.stride(),
+                                       D=D, BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], num_warps=4)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _attn_bwd_dkdv[(triton.cdiv(M, blocks["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, D ** -0.5, N, M, H, *strides, *dk.stride(), *dv.stride(), D=D, **blocks)
+    _attn_bwd_dq[(n_blocks, B * H)](
+        q, k, v, do, lse, delta, dq, D ** -0.5, N, M, H, *strides, *dq.stride(), D=D, **blocks)
+    return dq, dk, dv
+
+
+if triton is not None:
+    # A torch custom op (with its fake shape function and autograd formula) rather than a bare
+    # autograd.Function, so torch.compile can trace through the kernel instead of breaking the graph.
+    @torch.library.custom_op("taxadiffusion::flash_attention", mutates_args=())
+    def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _flash_forward(q, k, v)
+
+    @_flash_attention_op.register_fake
+    def _(q, k, v):
+        B, H, N, D = q.shape
+        return q.new_empty((B, H, N, D)), q.new_empty((B * H, N), dtype=torch.float32)
+
+    @torch.library.custom_op("taxadiffusion::flash_attention_backward", mutates_args=())
+    def _flash_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                                     lse: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _flash_backward(q, k, v, o, lse, do)
+
+    @_flash_attention_backward_op.register_fake
+    def _(q, k, v, o, lse, do):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)  # q, k, v, o, lse
+
+    def _backward(ctx, do, dlse):  # lse is an internal output: its gradient is never used
+        return _flash_attention_backward_op(*ctx.saved_tensors, do)
+
+    _flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q, k, v):
+    """The fused kernel: same contract as attention_reference, q (B, H, N, d), k and v (B, H, M, d), any strides."""
+    if triton is None:
+        raise RuntimeError("the fused attention kernel needs triton: pip install triton (Linux x86_64)")
+    return _flash_attention_op(q, k, v)[0]
 
 
 if __name__ == "__main__":

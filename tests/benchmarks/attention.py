@@ -1,0 +1,154 @@
+"""
+Benchmark the fused Triton attention kernel against PyTorch's SDPA backends (a script, not a test).
+
+    python tests/benchmarks/attention.py            # needs CUDA; on a CPU it says so and exits 0
+    python tests/benchmarks/attention.py --sweep    # also try other block sizes at the standard shape
+
+Prints, per shape: the largest error against the fp32 reference, and TFLOP/s for
+the forward and the forward+backward of our kernel, SDPA-flash, SDPA-cuDNN and
+SDPA-efficient (a backend that does not support a shape prints '-'). Then one
+UNet training step per second with each attention implementation.
+FLOPs: forward 4*B*H*N*M*d, backward 2.5x the forward (the FlashAttention convention).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import unet  # noqa: E402
+from unet import UNet, UNetConfig, attention_reference, flash_attention  # noqa: E402
+
+# (name, B, H, N, M, d, dtype): the default UNet's attention at batch 64 on 32x32 and on 64x64 inputs,
+# and the standard flash-attention shape
+SHAPES = [
+    ("self 8x8 (32px input)", 64, 2, 64, 64, 32, torch.bfloat16),
+    ("cross 32x32, 8 tokens", 64, 1, 1024, 8, 32, torch.bfloat16),
+    ("cross 16x16, 8 tokens", 64, 2, 256, 8, 32, torch.bfloat16),
+    ("self 16x16 (64px input)", 64, 2, 256, 256, 32, torch.bfloat16),
+    ("cross 64x64, 8 tokens", 64, 1, 4096, 8, 32, torch.bfloat16),
+    ("standard B4 H16 N4096 d64", 4, 16, 4096, 4096, 64, torch.bfloat16),
+    ("standard, fp16", 4, 16, 4096, 4096, 64, torch.float16),
+]
+
+
+def sdpa(backend):
+    def fn(q, k, v):
+        with torch.nn.attention.sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+IMPLS = {
+    "ours": flash_attention,
+    "sdpa-flash": sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+    "sdpa-cudnn": sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
+    "sdpa-efficient": sdpa(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION),
+}
+
+
+def bench_ms(fn):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100)
+
+
+def measure(fn, q, k, v, do):
+    """(forward ms, forward+backward ms), or None where the backend refuses the shape."""
+    try:
+        fwd = bench_ms(lambda: fn(q, k, v))
+        def step():
+            q.grad = k.grad = v.grad = None
+            fn(q, k, v).backward(do)
+        both = bench_ms(step)
+        return fwd, both
+    except RuntimeError:
+        return None
+
+
+def check(B, H, N, M, d, dtype):
+    """Largest error of the kernel (output and grads) against the fp32 reference, relative to the largest entry."""
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", generator=g) for n in (N, M, M))
+    do = torch.randn(B, H, N, d, device="cuda", generator=g)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, do)
+    ours_in = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = flash_attention(*ours_in)
+    grads = torch.autograd.grad(out, ours_in, do.to(dtype))
+    return max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+               for a, b in zip((out, *grads), (ref, *ref_grads)))
+
+
+def attention_table():
+    print(f"{'shape':28s} {'max err':>8s} | " + " | ".join(f"{n:>16s}" for n in IMPLS))
+    print(f"{'':28s} {'':>8s} | " + " | ".join(f"{'fwd  fwd+bwd':>16s}" for _ in IMPLS))
+    for name, B, H, N, M, d, dtype in SHAPES:
+        err = check(min(B, 4), H, N, M, d, dtype)
+        q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, requires_grad=True) for n in (N, M, M))
+        do = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+        flops = 4 * B * H * N * M * d
+        cells = []
+        for fn in IMPLS.values():
+            r = measure(fn, q, k, v, do)
+            cells.append(f"{'-':>16s}" if r is None else
+                         f"{flops / r[0] / 1e9:7.1f} {3.5 * flops / r[1] / 1e9:8.1f}")
+        print(f"{name:28s} {err:8.1e} | " + " | ".join(cells), flush=True)
+    print("(TFLOP/s; '-' = backend does not support this shape)")
+
+
+def sweep():
+    """Try block sizes at the standard shape; the dispatch's choice is in unet._blocks."""
+    B, H, N, M, d = 4, 16, 4096, 4096, 64
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n in (N, M, M))
+    do = torch.randn_like(q)
+    flops = 4 * B * H * N * M * d
+    original = unet._blocks
+    for bn, bm, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]:
+        unet._blocks = lambda N_, M_, D_: dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=max(16, D_),
+                                               num_warps=warps, num_stages=stages)
+        try:
+            fwd, both = measure(flash_attention, q, k, v, do)
+            print(f"BLOCK_N {bn:3d} BLOCK_M {bm:3d} warps {warps} stages {stages}: "
+                  f"fwd {flops / fwd / 1e9:6.1f}  fwd+bwd {3.5 * flops / both / 1e9:6.1f} TFLOP/s", flush=True)
+        except Exception as e:  # e.g. out of shared memory
+            print(f"BLOCK_N {bn} BLOCK_M {bm} warps {warps} stages {stages}: {type(e).__name__}")
+    unet._blocks = original
+
+
+def unet_steps(batch=64, size=32, dtype=torch.bfloat16):
+    """Training steps per second of the default UNet with each attention implementation."""
+    for impl in ["triton", "torch"]:
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(image_size=size, attention_impl=impl)).cuda()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        x = torch.randn(batch, 3, size, size, device="cuda")
+        t = torch.randint(0, 1000, (batch,), device="cuda")
+        ctx = torch.randn(batch, 8, 128, device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=dtype):
+                loss = net(x, t, ctx).float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ms = bench_ms(step)
+        print(f"UNet {size}x{size} batch {batch} bf16 autocast, attention={impl:6s}: {1000 / ms:6.1f} steps/s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="try other block sizes at the standard shape")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU; on the CPU the UNet uses the PyTorch reference attention")
+        sys.exit(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    attention_table()
+    if args.sweep:
+        sweep()
+    unet_steps(size=32)
+    unet_steps(size=64)

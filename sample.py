@@ -71,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=16, help="images (per row with --refine)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale s; 1 = no guidance")
-    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="root",
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale s; 1 = no guidance")
+    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
                    help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
     p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
     p.add_argument("--seed", type=int, default=0)

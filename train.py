@@ -31,7 +31,7 @@ from unet import SIZES, UNetConfig
 class TrainConfig:
     level: str = "order"  # train every stage down to this rank
     first_level: str = "class"  # the first stage; coarser ranks (kingdom, phylum) are folded into it
-    steps: int = 500  # optimizer steps per stage
+    steps: int = 0  # optimizer steps per stage; 0 = 500 for the first two stages, 1000 for each finer one
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
@@ -47,7 +47,8 @@ class TrainConfig:
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "out"  # checkpoints, grids and the log go here
-    guidance: float = 2.0  # guidance scale of the grids (1 = none)
+    guidance: float = 3.0  # guidance scale of the grids (1 = none)
+    guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
     grid_steps: int = 25  # DDIM steps of the grids
 
@@ -73,18 +74,25 @@ def check_same_taxonomy(ckpt, lineages, path):
 def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
     """One row per taxon of rank `level`, the same noise in every row (so columns compare), EMA weights."""
     rows = range(1, len(taxonomy.vocab[level]))
-    ids = torch.tensor([taxonomy.ancestors(level, i) for i in rows for _ in range(cfg.grid_cols)], device=cfg.device)
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    noise_seed = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
-                             generator=gen, device=cfg.device)
-    x_T = noise_seed.repeat(len(rows), 1, 1, 1)  # (rows * cols, C, H, W): row r reuses the same cols noises
-    eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, "root", root_level)
-    x = diffusion.sample(eps_fn, x_T.shape, steps=cfg.grid_steps, x_T=x_T, device=cfg.device)
-    save_grid(x, path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
+    x_T = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
+                      generator=gen, device=cfg.device)  # (cols, C, H, W): the same noise in every row
+    chunk = max(1, 64 // cfg.grid_cols)  # rows per sampling batch (the CPU is fastest on small batches)
+    images = []
+    for first in range(0, len(rows), chunk):
+        taxa = rows[first:first + chunk]
+        ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa for _ in range(cfg.grid_cols)], device=cfg.device)
+        eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, cfg.guide_from, root_level)
+        noise = x_T.repeat(len(taxa), 1, 1, 1)  # (len(taxa) * cols, C, H, W)
+        images.append(diffusion.sample(eps_fn, noise.shape, steps=cfg.grid_steps, x_T=noise, device=cfg.device))
+    save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
 
 
 def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log):
     """Train one stage: condition on ranks 0..level, start from the previous stage's weights."""
+    # The first stages learn to draw at all and the coarse traits; the finer traits are small, and took
+    # about twice as long to show on the toy tree.
+    steps = cfg.steps or (500 if stages.index(level) < 2 else 1000)
     torch.manual_seed(cfg.seed + level)
     device = cfg.device
     unet_config = UNetConfig(in_channels=3, image_size=cfg.image_size, **SIZES[cfg.size])
@@ -120,10 +128,10 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
 
     name = RANKS[level]
     print(f"stage {name}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
-          f"{cfg.steps} steps of {cfg.batch_size}, from {prev_path or 'scratch'}")
+          f"{steps} steps of {cfg.batch_size}, from {prev_path or 'scratch'}")
     model.train()
     t0 = time.time()
-    pbar = tqdm(range(1, cfg.steps + 1), desc=f"{name:>8s}", dynamic_ncols=True)
+    pbar = tqdm(range(1, steps + 1), desc=f"{name:>8s}", dynamic_ncols=True)
     for step in pbar:
         x0, ids = next(batches)
         x0, ids = x0.to(device), ids.to(device)
@@ -139,21 +147,21 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
         sched.step()
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # short memory early on
         pbar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 50 == 0 or step == cfg.steps:
+        if step % 50 == 0 or step == steps:
             ips = step * cfg.batch_size / (time.time() - t0)
-            log.write(f"stage {name} step {step}/{cfg.steps} loss {loss.item():.4f} "
+            log.write(f"stage {name} step {step}/{steps} loss {loss.item():.4f} "
                       f"lr {sched.get_last_lr()[0]:.2e} img/s {ips:.1f}\n")
             log.flush()
     train_time = time.time() - t0
 
     path = os.path.join(cfg.out, f"{name}.pt")
     save_checkpoint(path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    step=cfg.steps, level=name, stages=[RANKS[r] for r in stages],
+                    step=steps, level=name, stages=[RANKS[r] for r in stages],
                     unet_config=asdict(unet_config), diffusion_config=asdict(DiffusionConfig()),
                     train_config=asdict(cfg), vocab_sizes=vocab_sizes, lineages=lineages)
     t1 = time.time()
     draw_stage_grid(ema.eval(), diffusion, taxonomy, level, stages[0], cfg, os.path.join(cfg.out, f"{name}.png"))
-    msg = (f"stage {name} done: {train_time:.0f} s training ({cfg.steps * cfg.batch_size / train_time:.1f} img/s), "
+    msg = (f"stage {name} done: {train_time:.0f} s training ({steps * cfg.batch_size / train_time:.1f} img/s), "
            f"{time.time() - t1:.0f} s grid -> {path}, {os.path.join(cfg.out, name + '.png')}")
     print(msg)
     log.write(msg + "\n")
@@ -185,7 +193,7 @@ def parse_args(argv=None):
     """Every TrainConfig field is a flag: --batch-size 64, --level species, ..."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        choices = RANKS if f.name in ("level", "first_level") else SIZES if f.name == "size" else None
+        choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root")}.get(f.name)
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             choices=choices, help=f"default: {f.default}")
     return TrainConfig(**vars(parser.parse_args(argv)))

@@ -56,6 +56,7 @@ def main(args):
     for lv in levels:
         row_ids = cut_lineage(ids[None], lv).expand(args.n, -1)  # (n, R)
         eps_fn = guided_eps_fn(diffusion, model, row_ids, args.guidance, args.guide_from, root_level)
+        gen.manual_seed(args.seed + 1)  # the DDPM sampler's fresh noise is the same in every row too
         rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, eta=1.0 if args.sampler == "ddpm" else 0.0,
                                      generator=gen, device=args.device, x_T=x_T))
         labels.append(taxonomy.vocab[lv][ids[lv].item()])

@@ -165,7 +165,6 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
            f"{time.time() - t1:.0f} s grid -> {path}, {os.path.join(cfg.out, name + '.png')}")
     print(msg)
     log.write(msg + "\n")
-    return path
 
 
 def main(cfg):

@@ -194,7 +194,7 @@ def negative_lineage(ids, guide_from, root_level):
     raise ValueError(f"unknown guidance negative '{guide_from}' (use null, parent or root)")
 
 
-def guided_eps_fn(diffusion, model, ids, scale, guide_from="root", root_level=2):
+def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2):
     """eps = eps(c_neg) + s * (eps(c) - eps(c_neg)); both halves in one batch. s = 1 is plain conditioning."""
     if scale == 1.0:
         return lambda x, t: diffusion.eps(model, x, t, ids)

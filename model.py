@@ -3,7 +3,8 @@ The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers), guidance, EMA and checkpoints.
 
 The diffusion process knows nothing about the network's insides: it calls
-model(x_t, t, ids) -> eps and nothing else. Names follow the DDPM paper (Ho et
+model(x_t, t, ids) and reads the output as the noise eps (or as v, see
+Diffusion.eps). Names follow the DDPM paper (Ho et
 al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
 
 Read next: train.py (the stage-by-stage training loop), then sample.py.
@@ -18,11 +19,8 @@ from PIL import Image, ImageDraw
 
 from unet import UNet, UNetConfig
 
-N_RANKS = 7  # kingdom .. species, as taxonomy.RANKS (model.py does not import the data side)
-
-
 # -----------------------------------------------------------------------------
-# Conditioning: a lineage becomes N_RANKS + 1 context tokens
+# Conditioning: a lineage of R ranks becomes R + 1 context tokens
 
 
 class RankConditioner(nn.Module):

@@ -1,7 +1,7 @@
 """
 Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per stage.
 
-    python train.py --level order      # trains the class stage, then the order stage (~8 min on 2 CPU cores)
+    python train.py --level order      # trains the class stage, then the order stage (~9 min on 2 CPU cores)
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
 
 Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
@@ -112,7 +112,8 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
         for r in range(level + 1, len(RANKS)):
             torch.nn.init.zeros_(model.conditioner.embed[r].weight)
         ema.load_state_dict(model.state_dict())
-    diffusion = Diffusion(DiffusionConfig()).to(device)
+    diffusion_config = DiffusionConfig()
+    diffusion = Diffusion(diffusion_config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
     # The rank tables get a larger step: a new rank's table starts at zero and has one stage to
@@ -157,7 +158,7 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
     path = os.path.join(cfg.out, f"{name}.pt")
     save_checkpoint(path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                     step=steps, level=name, stages=[RANKS[r] for r in stages],
-                    unet_config=asdict(unet_config), diffusion_config=asdict(DiffusionConfig()),
+                    unet_config=asdict(unet_config), diffusion_config=asdict(diffusion_config),
                     train_config=asdict(cfg), vocab_sizes=vocab_sizes, lineages=lineages)
     t1 = time.time()
     draw_stage_grid(ema.eval(), diffusion, taxonomy, level, stages[0], cfg, os.path.join(cfg.out, f"{name}.png"))

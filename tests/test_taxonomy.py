@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from taxonomy import RANKS, LineageError, TaxonDataset, Taxonomy, folder_dataset, render_toy, toy_dataset, toy_species
+from taxonomy import RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, folder_dataset, render_toy, toy_dataset, toy_species
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,21 @@ def test_taxon_under_two_parents_is_an_error():
     with pytest.raises(LineageError, match="genus 'Corvus' is placed under both family 'Corvidae' and family 'Paridae'"):
         Taxonomy([(None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"),
                   (None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone")])
+
+
+def test_conflict_names_both_places_and_inserts_nothing():
+    tax = Taxonomy([])
+    tax.add((None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"), where="a.csv row 2")
+    with pytest.raises(LineageError, match=r"genus 'Corvus' is placed under both family 'Corvidae' \(a.csv row 2\) "
+                                           r"and family 'Paridae' \(a.csv row 9\)") as e:
+        tax.add((None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone"), where="a.csv row 9")
+    assert e.value.node == (RANKS.index("genus"), 1)
+    assert tax.vocab[4] == [UNKNOWN, "Corvidae"] and tax.size(6) == 1  # the conflicting lineage added nothing
+
+
+def test_names_match_in_any_unicode_form():
+    tax = Taxonomy([(None, None, "Aves", "Passeriformes", "Corvidae", "Pica", "Pica s\u00e9rica")])  # composed é
+    assert tax.lineage_str(tax.parse("pica_se\u0301rica")) == "Aves/Passeriformes/Corvidae/Pica/Pica s\u00e9rica"
 
 
 def test_lineages_round_trip(toy):

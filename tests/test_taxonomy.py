@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from taxonomy import RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, folder_dataset, render_toy, toy_dataset, toy_species
+from taxonomy import RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, render_toy, toy_dataset, toy_species
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +97,3 @@ def test_dataset_items():
     x, ids = ds[5]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert ids.shape == (len(RANKS),) and tax.lineage_str(ids.tolist()) == "/".join(lineages[5])
-
-
-def test_folder_tree(tmp_path):
-    for i, path in enumerate(["Aves/Passeriformes/Corvidae/Corvus/Corvus corax",
-                              "Aves/Passeriformes/Corvidae/Corvus/Corvus corone"]):
-        (tmp_path / path).mkdir(parents=True)
-        Image.fromarray(np.full((40, 60, 3), 50 * i, np.uint8)).save(tmp_path / path / "a.jpg")
-    (tmp_path / path / "broken.jpg").write_bytes(b"not a jpeg")
-    images, lineages = folder_dataset(tmp_path, size=16)
-    assert images.shape == (2, 3, 16, 16)
-    assert lineages[0] == (None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")

@@ -518,7 +518,7 @@ def detect_format(data):
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         with open(path, encoding="utf-8-sig", errors="replace") as f:
             header = {c.strip().lower() for c in re.split("[,\t]", f.readline())}
-        if {"image_file", "chunk_number"} <= header:
+        if "image_file" in header:
             return "bioscan"
         return "fishnet" if {"image", "folder"} <= header else "csv"
     raise DataError(f"--data {data}: cannot tell its format from its name; pass --format ({', '.join(FORMATS[1:])})")
@@ -580,7 +580,8 @@ class Decoder(torch.utils.data.Dataset):
         try:
             return i, load_image(item.path, self.size, item.box, item.pad), ""
         except Exception as e:  # whatever the decoder raises, the image is unreadable: count it, go on
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e) or type(e).__name__
+            why = str(e).replace(f" {item.path!r}", "") or type(e).__name__  # the summary names the file
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), why
 
 
 def decode_images(items, size, cache_dir=None, workers=0):

@@ -185,6 +185,8 @@ def main(cfg):
     except DataError as e:
         raise SystemExit(f"error: {e}")
     dataset = TaxonDataset(images, raw_lineages, taxonomy)
+    if len(dataset) < cfg.batch_size:  # batches drop the remainder: there would be none at all
+        raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
     lineages = taxonomy.lineages()
     stages = stage_plan(taxonomy, cfg.first_level, cfg.level)
     print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; "

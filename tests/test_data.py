@@ -167,7 +167,7 @@ def test_table_without_a_required_column_lists_found_and_expected(tmp_path):
     write_csv(table, rows, delimiter="\t")
     with pytest.raises(DataError, match="metadata.tsv: missing column.s. chunk_number; found: image_file, sampleid, "
                                         "class, order, family, genus, species; expected: image_file, chunk_number,"):
-        read_items(table, fmt="bioscan")
+        read_items(table)  # still read as BIOSCAN: it has image_file
     write_csv(tmp_path / "x.csv", [["path", "name"], ["a.png", "Corvus corax"]])
     with pytest.raises(DataError, match="missing column.s. image; found: path, name; expected: image, kingdom/phylum/"):
         read_items(tmp_path / "x.csv")
@@ -250,6 +250,12 @@ def test_two_stages_train_from_each_format(tmp_path, fmt, capsys, one_thread):
         ckpt = torch.load(out / f"{level}.pt", weights_only=True)
         assert ckpt["train_config"]["data"].startswith(str(tmp_path)) and len(ckpt["lineages"]) == 12
     assert ("skipped 2 of 26 images" in log) == (fmt == "folder")
+
+
+def test_fewer_images_than_a_batch_is_an_error(tmp_path):
+    args = ["--data", str(make_inat_json(tmp_path, per_species=1)), "--out", str(tmp_path / "out"), "--workers", "0"]
+    with pytest.raises(SystemExit, match="has 12 images, fewer than --batch-size 32"):
+        train.main(train.parse_args(args))  # and not an endless wait for a first batch
 
 
 def test_bad_data_ends_train_py_in_one_line(tmp_path):

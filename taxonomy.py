@@ -1,6 +1,7 @@
 """
 The data side of TaxaDiffusion: ranks, the taxonomy tree, lineage parsing,
-datasets, and the built-in toy tree of life.
+the built-in toy tree of life, and the readers of real data (folder trees,
+CSV/TSV tables such as FishNet and BIOSCAN-1M, iNaturalist 2021) with their cache.
 
 Nothing here knows about the network. A lineage becomes a row of integer ids,
 one per rank (0 = unknown), and that is all the model ever sees.

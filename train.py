@@ -3,6 +3,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
 
     python train.py --level order      # trains the class stage, then the order stage (~9 min on 2 CPU cores)
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
+    python train.py --data train.json --image-size 64   # your own data (README: Training on your own data)
 
 Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
 order) and starts from the weights of the stage before it. A missing earlier

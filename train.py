@@ -3,6 +3,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
 
     python train.py --level order      # trains the class stage, then the order stage (~9 min on 2 CPU cores)
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
+    python train.py --data train.json --image-size 64   # your own data (README: Training on your own data)
 
 Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
 order) and starts from the weights of the stage before it. A missing earlier
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from model import (Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, cut_lineage,
                    guided_eps_fn, save_checkpoint, save_grid, update_ema)
-from taxonomy import RANKS, TaxonDataset, Taxonomy, load_data
+from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, build_taxonomy, load_data
 from unet import SIZES, UNetConfig
 
 
@@ -43,7 +44,14 @@ class TrainConfig:
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: int = 64  # toy images per species (the few-shot knob)
-    data: str = "toy"  # "toy" or a folder tree root/Class/Order/.../Species/*.jpg
+    data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (README: your own data)
+    format: str = "auto"  # reader of --data; auto = from what the path is (see taxonomy.FORMATS)
+    top_rank: str = "auto"  # folder trees: rank of the top folders; auto = by family endings, else leaves = species
+    columns: str = ""  # tables: our=their column names, e.g. "image=file,species=scientific_name"
+    image_root: str = ""  # tables and iNat JSON: the folder image paths start from (default: the table's folder)
+    boxes: str = ""  # FishNet: bounding-box JSON {file stem: {x, y, w, h}}; each box crops its image
+    conflicts: str = "error"  # a taxon under two parents: error, or keep-first (warn, follow the first parent)
+    workers: int = min(8, os.cpu_count() or 1)  # processes decoding images on the first pass (then cached in --out)
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "out"  # checkpoints, grids and the log go here
@@ -170,9 +178,16 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
 
 def main(cfg):
     os.makedirs(cfg.out, exist_ok=True)
-    images, raw_lineages = load_data(cfg.data, cfg.image_size, cfg.per_species, cfg.seed)
-    taxonomy = Taxonomy(raw_lineages)
+    try:  # bad data ends here, in one line, before any checkpoint is touched
+        images, raw_lineages, wheres = load_data(
+            cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
+            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
+        taxonomy, raw_lineages = build_taxonomy(raw_lineages, wheres, keep_first=cfg.conflicts == "keep-first")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
     dataset = TaxonDataset(images, raw_lineages, taxonomy)
+    if len(dataset) < cfg.batch_size:  # batches drop the remainder: there would be none at all
+        raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
     lineages = taxonomy.lineages()
     stages = stage_plan(taxonomy, cfg.first_level, cfg.level)
     print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; "
@@ -193,7 +208,8 @@ def parse_args(argv=None):
     """Every TrainConfig field is a flag: --batch-size 64, --level species, ..."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root")}.get(f.name)
+        choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
+                   "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first")}.get(f.name)
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                             choices=choices, help=f"default: {f.default}")
     return TrainConfig(**vars(parser.parse_args(argv)))

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from taxonomy import RANKS, LineageError, TaxonDataset, Taxonomy, folder_dataset, render_toy, toy_dataset, toy_species
+from taxonomy import RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, render_toy, toy_dataset, toy_species
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +46,21 @@ def test_taxon_under_two_parents_is_an_error():
                   (None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone")])
 
 
+def test_conflict_names_both_places_and_inserts_nothing():
+    tax = Taxonomy([])
+    tax.add((None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"), where="a.csv row 2")
+    with pytest.raises(LineageError, match=r"genus 'Corvus' is placed under both family 'Corvidae' \(a.csv row 2\) "
+                                           r"and family 'Paridae' \(a.csv row 9\)") as e:
+        tax.add((None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone"), where="a.csv row 9")
+    assert e.value.node == (RANKS.index("genus"), 1)
+    assert tax.vocab[4] == [UNKNOWN, "Corvidae"] and tax.size(6) == 1  # the conflicting lineage added nothing
+
+
+def test_names_match_in_any_unicode_form():
+    tax = Taxonomy([(None, None, "Aves", "Passeriformes", "Corvidae", "Pica", "Pica s\u00e9rica")])  # composed é
+    assert tax.lineage_str(tax.parse("pica_se\u0301rica")) == "Aves/Passeriformes/Corvidae/Pica/Pica s\u00e9rica"
+
+
 def test_lineages_round_trip(toy):
     again = Taxonomy(toy.lineages())
     assert again.vocab == toy.vocab
@@ -83,14 +97,3 @@ def test_dataset_items():
     x, ids = ds[5]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert ids.shape == (len(RANKS),) and tax.lineage_str(ids.tolist()) == "/".join(lineages[5])
-
-
-def test_folder_tree(tmp_path):
-    for i, path in enumerate(["Aves/Passeriformes/Corvidae/Corvus/Corvus corax",
-                              "Aves/Passeriformes/Corvidae/Corvus/Corvus corone"]):
-        (tmp_path / path).mkdir(parents=True)
-        Image.fromarray(np.full((40, 60, 3), 50 * i, np.uint8)).save(tmp_path / path / "a.jpg")
-    (tmp_path / path / "broken.jpg").write_bytes(b"not a jpeg")
-    images, lineages = folder_dataset(tmp_path, size=16)
-    assert images.shape == (2, 3, 16, 16)
-    assert lineages[0] == (None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")

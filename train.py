@@ -67,7 +67,7 @@ class TrainConfig:
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
     grid_steps: int = 25  # DDIM steps of the grids
-    save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (and on Ctrl-C or SIGTERM)
+    save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
     amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
     compile: bool = False  # torch.compile the network (for GPUs: on our CPUs it made training slower)
 
@@ -349,7 +349,7 @@ def train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, wor
             log.write(f"stage {name} step {step}/{steps} loss {mean_loss:.4f} "
                       f"lr {sched.get_last_lr()[0]:.2e} img/s {ips:.1f}\n")
             log.flush()
-        if stopping or step % cfg.save_every == 0 or step == steps:
+        if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
             save(step)
             saved = step
         if stopping:

@@ -104,7 +104,8 @@ def stage_batches(n, batch_size, seed, level, first, last, rank=0, world=1):
     for step in range(first, last + 1):
         epoch, i = divmod(step - 1, n // batch_size)
         if i == 0 or step == first:  # a new epoch, or the first step after a resume
-            order = torch.randperm(n, generator=seeded_generator(seed, level, 0, epoch))  # 0, 1: separate streams
+            # key (seed, stage, 0, epoch); the loop's draws use (seed, stage, 1, step): two separate streams
+            order = torch.randperm(n, generator=seeded_generator(seed, level, 0, epoch))
         yield order[i * batch_size:(i + 1) * batch_size][rank * share:(rank + 1) * share].tolist()
 
 

@@ -72,18 +72,19 @@ def deepest_rank(ids):
     return torch.where(ids > 0, ranks, -1).amax(dim=-1)
 
 
-def condition_dropout(ids, p_uncond, p_cut, generator=None):
+def condition_dropout(ids, p_uncond, p_cut, generator=None, u=None):
     """Training-time dropout of the lineage: this is what makes guidance and partial lineages work.
 
     With probability p_uncond the whole lineage is dropped (the null condition
     of classifier-free guidance); with probability p_cut it is cut at a random
     coarser rank, so the model learns "an Aves/Passeriformes with any family".
+    u, (2, B) uniforms in [0, 1), makes both choices; it is drawn from `generator` unless given.
     """
-    B = ids.shape[0]
-    u = torch.rand(B, generator=generator, device=ids.device)
+    if u is None:
+        u = torch.rand(2, ids.shape[0], generator=generator, device=ids.device)
     deepest = deepest_rank(ids)
-    random_level = (torch.rand(B, generator=generator, device=ids.device) * deepest.clamp(min=0)).long()  # in [0, deepest)
-    level = torch.where(u < p_uncond, -1, torch.where(u < p_uncond + p_cut, random_level, deepest))
+    random_level = (u[1] * deepest.clamp(min=0)).long()  # in [0, deepest)
+    level = torch.where(u[0] < p_uncond, -1, torch.where(u[0] < p_uncond + p_cut, random_level, deepest))
     return cut_lineage(ids, level)
 
 
@@ -142,10 +143,15 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return (1 - a).sqrt() * x_t + a.sqrt() * out
 
-    def loss(self, model, x0, ids, generator=None):
-        """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    def loss(self, model, x0, ids, generator=None, t=None, eps=None):
+        """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
+
+        t and eps are drawn from `generator` unless given (train.py draws them itself, see there).
+        """
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, generator=generator)
         return (eps - self.eps(model, self.q_sample(x0, t, eps), t, ids)).pow(2).mean()
 
     @torch.inference_mode()
@@ -215,10 +221,23 @@ def update_ema(ema, model, decay):
 
 
 def save_checkpoint(path, **state):
-    """Write plain data atomically: a killed run leaves the old file or the new one, never half of one."""
+    """Write plain data atomically: a killed run leaves the old file or the new one, never half of one.
+
+    The data goes to a temporary file in the same folder and reaches the disk (fsync) before a rename
+    puts it in place; the rename is atomic, and the folder's fsync makes the rename itself durable.
+    """
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    if os.name == "posix":  # a folder can be opened and fsynced there
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path, device="cpu"):

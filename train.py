@@ -4,6 +4,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
     python train.py --level order      # trains the class stage, then the order stage (~9 min on 2 CPU cores)
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
     python train.py --data train.json --image-size 64   # your own data (README: Training on your own data)
+    torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
 
 Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
 order) and starts from the weights of the stage before it. A missing earlier
@@ -11,20 +12,35 @@ stage is trained first. Each stage writes out/<level>.pt (plain data, opens
 with torch.load(weights_only=True)) and out/<level>.png: one row per taxon of
 that rank, drawn with the EMA weights and a fixed seed.
 
+While a stage trains, out/<level>.last.pt holds all it needs to carry on
+(weights, EMA, optimizer, step, random states); it is rewritten every
+--save-every steps and on Ctrl-C or SIGTERM. Running the same command again
+resumes from it and ends with the same weights, bit for bit on a CPU, as a run
+that was never stopped.
+
 Read next: sample.py.
 """
 import argparse
+import contextlib
 import copy
+import math
 import os
+import random
+import signal
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import (Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, cut_lineage,
                    guided_eps_fn, save_checkpoint, save_grid, update_ema)
-from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, build_taxonomy, load_data
+from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data, normalize
 from unet import SIZES, UNetConfig
 
 
@@ -33,7 +49,7 @@ class TrainConfig:
     level: str = "order"  # train every stage down to this rank
     first_level: str = "class"  # the first stage; coarser ranks (kingdom, phylum) are folded into it
     steps: int = 0  # optimizer steps per stage; 0 = 500 for the first two stages, 1000 for each finer one
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step, over all processes (torchrun)
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
     embed_lr_mult: float = 10.0  # learning rate of the rank embedding tables = lr * this
@@ -59,6 +75,9 @@ class TrainConfig:
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
     grid_steps: int = 25  # DDIM steps of the grids
+    save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
+    amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
+    compile: bool = False  # torch.compile the network (for GPUs: on our CPUs it made training slower)
 
 
 def stage_plan(taxonomy, first_level, level):
@@ -71,11 +90,137 @@ def stage_plan(taxonomy, first_level, level):
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]
 
 
-def check_same_taxonomy(ckpt, lineages, path):
-    """Stage checkpoints are chained by taxon id, so they must come from the same tree."""
-    if set(map(tuple, ckpt["lineages"])) != set(map(tuple, lineages)):
-        raise SystemExit(f"error: {path} was trained on another taxonomy than --data; "
-                         f"use another --out or delete {path}")
+# -----------------------------------------------------------------------------
+# Randomness that a resumed run draws again: every draw is a function of (seed, stage, step)
+
+
+def seeded_generator(*key, device="cpu"):
+    """A torch.Generator seeded by a tuple of ints such as (seed, stage, step); nearby keys give unrelated streams."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+
+
+def stage_batches(n, batch_size, seed, level, first, last, rank=0, world=1):
+    """The indices of this process's part of the global batch of each step from `first` to `last`.
+
+    Epoch e is a permutation of the n images drawn from (seed, stage, e), and each
+    step takes the next batch_size of it (the incomplete tail is dropped), so a
+    batch depends on its step alone: a resumed run, or one on another number of
+    processes, sees the same global batches. Process `rank` of `world` takes the
+    rank-th of `world` equal parts (our DistributedSampler).
+    """
+    share = batch_size // world
+    for step in range(first, last + 1):
+        epoch, i = divmod(step - 1, n // batch_size)
+        if i == 0 or step == first:  # a new epoch, or the first step after a resume
+            # key (seed, stage, 0, epoch); the loop's draws use (seed, stage, 1, step): two separate streams
+            order = torch.randperm(n, generator=seeded_generator(seed, level, 0, epoch))
+        yield order[i * batch_size:(i + 1) * batch_size][rank * share:(rank + 1) * share].tolist()
+
+
+def rng_states():
+    """The global generators' states as plain data: the loop draws from its own, but dropout and user code may not."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]), "python": random.getstate()}
+
+
+def set_rng_states(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that fit this run, taxa matched by name
+
+
+# Flags a resumed stage may change: where it runs, how often it saves, its grids, and the arithmetic
+# (--amp, --compile). Any other flag changes what the stage computes, so it must match to resume.
+FREE_ON_RESUME = ("level", "device", "out", "save_every", "amp", "compile",
+                  "guidance", "guide_from", "grid_cols", "grid_steps", "workers")
+
+
+def network_configs(cfg):
+    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags)."""
+    return UNetConfig(in_channels=3, image_size=cfg.image_size, **SIZES[cfg.size]), DiffusionConfig()
+
+
+def check_checkpoint(ckpt, path, cfg, taxonomy, resuming):
+    """Stop with one line if the checkpoint at `path` cannot continue this run, naming what differs."""
+    fix = f"use the flags it was trained with, another --out, or delete {path}"
+    if ckpt.get("ranks") != list(RANKS):
+        ranks = "/".join(ckpt["ranks"]) if ckpt.get("ranks") else "not recorded (an older train.py)"
+        raise SystemExit(f"error: {path} has ranks {ranks}, this run {'/'.join(RANKS)}; {fix}")
+    ours, theirs = set(map(tuple, taxonomy.lineages())), set(map(tuple, ckpt["lineages"]))
+    if ours != theirs:
+        def some(lineages):
+            return f"{len(lineages)} (e.g. '{'/'.join(n for n in min(lineages, key=str) if n)}')"
+        diffs = ([f"lineages only in the data: {some(ours - theirs)}"] if ours - theirs else []) + \
+                ([f"lineages only in the checkpoint: {some(theirs - ours)}"] if theirs - ours else [])
+        raise SystemExit(f"error: {path} was trained on another taxonomy ({'; '.join(diffs)}); {fix}")
+    train_keys = [k for k in asdict(cfg) if k not in FREE_ON_RESUME] if resuming else ["size", "image_size"]
+    for k in train_keys:
+        if ckpt["train_config"].get(k) != getattr(cfg, k):
+            flag = "--" + k.replace("_", "-")
+            raise SystemExit(f"error: {path} was trained with {flag} {ckpt['train_config'].get(k)}, "
+                             f"this run has {flag} {getattr(cfg, k)}; {fix}")
+    for what, config in zip(("unet_config", "diffusion_config"), network_configs(cfg)):
+        for k, v in asdict(config).items():
+            if ckpt[what].get(k) != v:
+                raise SystemExit(f"error: {path} has {what} {k}={ckpt[what].get(k)}, this run {k}={v}; {fix}")
+    if resuming and ckpt["vocab"] != taxonomy.vocab:  # its optimizer state is in its own id order
+        raise SystemExit(f"error: {path} numbers the taxa in another order than the data lists them; "
+                         f"delete it to train this stage again")
+
+
+def by_name(state, vocab, taxonomy):
+    """A model state dict whose rank tables are reordered from the checkpoint's ids to ours.
+
+    A taxon's id is its position in a vocabulary, which follows the order the data
+    happened to list the taxa in; its name does not. vocab[r][j] is the name the
+    checkpoint gave id j at rank r, so row j of its table moves to our id of that name.
+    """
+    state = dict(state)
+    for r, names in enumerate(vocab):
+        theirs = {normalize(name): j for j, name in enumerate(names)}
+        rows = [theirs[normalize(name)] for name in taxonomy.vocab[r]]  # check_checkpoint: the same names
+        state[f"conditioner.embed.{r}.weight"] = state[f"conditioner.embed.{r}.weight"][rows]
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Processes (torchrun), Ctrl-C
+
+
+def start_processes(cfg):
+    """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the other processes: NCCL, one GPU
+    each, or gloo on the CPU. Returns (rank, world size, cfg with this process's device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, cfg
+    on_gpu = cfg.device.startswith("cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        cfg = replace(cfg, device=f"cuda:{os.environ['LOCAL_RANK']}")
+    return dist.get_rank(), dist.get_world_size(), cfg
+
+
+def catch_stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (preemption) only note the signal; the loop saves and stops after its step.
+
+    A second Ctrl-C stops at once (the last checkpoint is still whole). Returns the list of signals seen.
+    """
+    seen = []
+
+    def note(signum, frame):
+        seen.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, note)
+    return seen
 
 
 @torch.no_grad()
@@ -96,31 +241,26 @@ def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
     save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
 
 
-def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log):
-    """Train one stage: condition on ranks 0..level, start from the previous stage's weights."""
+def train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
+    """Train one stage: condition on ranks 0..level, start from the previous stage's weights.
+
+    Resumes from out/<level>.last.pt when it exists. Returns the number of the
+    signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
+    """
     # The first stages learn to draw at all and the coarse traits; the finer traits are small, and took
     # about twice as long to show on the toy tree.
     steps = cfg.steps or (500 if stages.index(level) < 2 else 1000)
-    torch.manual_seed(cfg.seed + level)
-    device = cfg.device
-    unet_config = UNetConfig(in_channels=3, image_size=cfg.image_size, **SIZES[cfg.size])
+    name, device = RANKS[level], cfg.device
+    path, last_path = os.path.join(cfg.out, f"{name}.pt"), os.path.join(cfg.out, f"{name}.last.pt")
+    torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
+    unet_config, diffusion_config = network_configs(cfg)
     vocab_sizes = [len(v) for v in taxonomy.vocab]
     model = TaxaDiffusion(unet_config, vocab_sizes).to(device)
+    # From scratch, the first stage's ranks start random; every finer rank's table starts at zero and
+    # stays zero (it is never looked up) until its stage begins: a new taxon starts as its parent.
+    for r in range(level + 1, len(RANKS)):
+        torch.nn.init.zeros_(model.conditioner.embed[r].weight)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if prev_path:
-        prev = torch.load(prev_path, map_location=device, weights_only=True)
-        check_same_taxonomy(prev, lineages, prev_path)
-        # The new rank's embedding table was never used before, so it is still all
-        # zeros: every new taxon starts exactly as its parent, and learns what differs.
-        model.load_state_dict(prev["model"])
-        ema.load_state_dict(prev["ema"])
-    else:
-        # From scratch, the first stage's ranks start random; every finer rank's table
-        # starts at zero and stays zero (it is never looked up) until its stage begins.
-        for r in range(level + 1, len(RANKS)):
-            torch.nn.init.zeros_(model.conditioner.embed[r].weight)
-        ema.load_state_dict(model.state_dict())
-    diffusion_config = DiffusionConfig()
     diffusion = Diffusion(diffusion_config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -131,87 +271,179 @@ def train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
     opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
                             lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed + level))
-    batches = (b for _ in iter(int, 1) for b in loader)  # endless stream of batches
+    # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
+    torch.manual_seed(cfg.seed + level + 1000 * (rank + 1))
 
-    name = RANKS[level]
-    print(f"stage {name}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
-          f"{steps} steps of {cfg.batch_size}, from {prev_path or 'scratch'}")
+    start, source = 0, prev_path or "scratch"
+    if os.path.exists(last_path):  # an interrupted run of this stage: carry on exactly where it stopped
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        check_checkpoint(ckpt, last_path, cfg, taxonomy, resuming=True)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if len(ckpt["rng"]) == world:  # one state per process; with another number of processes, fresh seeds
+            set_rng_states(ckpt["rng"][rank])
+        start, source = ckpt["step"], f"{last_path} at step {ckpt['step']}"
+    elif prev_path:
+        prev = torch.load(prev_path, map_location="cpu", weights_only=True)
+        check_checkpoint(prev, prev_path, cfg, taxonomy, resuming=False)
+        # The new rank's table was never used before, so it is still all zeros: every new taxon
+        # starts exactly as its parent, and learns what differs.
+        model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
+        ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
+
+    def save(step):
+        """Write out/<level>.last.pt: everything needed to carry on from `step` as if never stopped."""
+        rngs = [rng_states()]
+        if world > 1:  # every process's own states, in rank order
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_states())
+        if rank == 0:
+            save_checkpoint(last_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), rng=rngs, step=step, level=name,
+                            stages=[RANKS[r] for r in stages], ranks=list(RANKS), unet_config=asdict(unet_config),
+                            diffusion_config=asdict(diffusion_config), train_config=asdict(cfg),
+                            vocab_sizes=vocab_sizes, vocab=taxonomy.vocab, lineages=taxonomy.lineages())
+
+    # DDP averages the gradients of the processes in backward(); torch.compile wraps what runs the
+    # steps. Checkpoints keep `model`, the plain module, so their keys have no "module." or "_orig_mod.".
+    net = DDP(model) if world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    amp = torch.autocast("cuda", torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+    B, share = cfg.batch_size, cfg.batch_size // world
+    mine = slice(rank * share, (rank + 1) * share)  # this process's part of every global batch
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=stage_batches(len(dataset), B, cfg.seed, level, start + 1, steps, rank, world))
+
+    if rank == 0:
+        print(f"stage {name}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
+              f"{steps} steps of {B}{f' on {world} processes' if world > 1 else ''}, from {source}")
     model.train()
-    t0 = time.time()
-    pbar = tqdm(range(1, steps + 1), desc=f"{name:>8s}", dynamic_ncols=True)
-    for step in pbar:
-        x0, ids = next(batches)
+    t0, saved = time.time(), start
+    pbar = tqdm(loader, desc=f"{name:>8s}", initial=start, total=steps, dynamic_ncols=True, disable=rank > 0)
+    for step, (x0, ids) in enumerate(pbar, start=start + 1):
         x0, ids = x0.to(device), ids.to(device)
-        ids = condition_dropout(cut_lineage(ids, level), cfg.p_uncond, cfg.p_cut)
-        loss = diffusion.loss(model, x0, ids)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss.item()} at step {step} of stage {name}; "
-                             f"{prev_path or 'no checkpoint'} is untouched; try a lower --lr")
+        # Every random number of the step comes from a generator seeded by (seed, stage, step), drawn
+        # for the whole global batch, of which this process keeps its part: a resumed run, or N
+        # processes, draw exactly what one uninterrupted process does.
+        gen = seeded_generator(cfg.seed, level, 1, step, device=device)
+        flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
+        t = torch.randint(0, diffusion.T, (B,), generator=gen, device=device)[mine]
+        eps = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[mine]
+        u = torch.rand(2, B, generator=gen, device=device)[:, mine]
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)  # a random mirror image
+        ids = condition_dropout(cut_lineage(ids, level), cfg.p_uncond, cfg.p_cut, u=u)
+        with amp:
+            loss = diffusion.loss(net, x0, ids, t=t, eps=eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # short memory early on
-        pbar.set_postfix(loss=f"{loss.item():.4f}")
+        # One all-reduce gives every process the mean loss and whether any of them was asked to stop.
+        shared = torch.stack([loss.detach().float(), torch.tensor(float(len(stop)), device=device)])
+        if world > 1:
+            dist.all_reduce(shared)
+        total_loss, stopping = shared.tolist()
+        mean_loss = total_loss / world
+        if not math.isfinite(mean_loss):  # these weights are lost; the checkpoint on disk is not
+            kept = f"{last_path} (step {saved}) is intact" if saved else "no checkpoint of this stage was written"
+            msg = f"error: loss is {mean_loss} at step {step} of stage {name}; {kept}; try a lower --lr"
+            raise SystemExit(msg if rank == 0 else 1)
+        pbar.set_postfix(loss=f"{mean_loss:.4f}")
         if step % 50 == 0 or step == steps:
-            ips = step * cfg.batch_size / (time.time() - t0)
-            log.write(f"stage {name} step {step}/{steps} loss {loss.item():.4f} "
+            ips = (step - start) * B / (time.time() - t0)
+            log.write(f"stage {name} step {step}/{steps} loss {mean_loss:.4f} "
                       f"lr {sched.get_last_lr()[0]:.2e} img/s {ips:.1f}\n")
             log.flush()
-    train_time = time.time() - t0
+        if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+            save(step)
+            saved = step
+        if stopping:
+            if rank == 0:
+                print(f"\nstopped at step {step}/{steps} of stage {name}: saved {last_path}; "
+                      f"run the same command again to resume", file=sys.stderr)
+            return stop[0] if stop else signal.SIGINT
+    train_time = max(time.time() - t0, 1e-6)
 
-    path = os.path.join(cfg.out, f"{name}.pt")
-    save_checkpoint(path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                    step=steps, level=name, stages=[RANKS[r] for r in stages],
-                    unet_config=asdict(unet_config), diffusion_config=asdict(diffusion_config),
-                    train_config=asdict(cfg), vocab_sizes=vocab_sizes, lineages=lineages)
-    t1 = time.time()
-    draw_stage_grid(ema.eval(), diffusion, taxonomy, level, stages[0], cfg, os.path.join(cfg.out, f"{name}.png"))
-    msg = (f"stage {name} done: {train_time:.0f} s training ({steps * cfg.batch_size / train_time:.1f} img/s), "
-           f"{time.time() - t1:.0f} s grid -> {path}, {os.path.join(cfg.out, name + '.png')}")
-    print(msg)
-    log.write(msg + "\n")
+    if rank == 0:
+        t1 = time.time()
+        draw_stage_grid(ema.eval(), diffusion, taxonomy, level, stages[0], cfg, os.path.join(cfg.out, f"{name}.png"))
+        os.replace(last_path, path)  # the stage is done: out/<level>.pt is what sample.py and the next stage read
+        msg = (f"stage {name} done: {train_time:.0f} s training ({(steps - start) * B / train_time:.1f} img/s), "
+               f"{time.time() - t1:.0f} s grid -> {path}, {os.path.join(cfg.out, name + '.png')}")
+        print(msg)
+        log.write(msg + "\n")
+    if world > 1:
+        dist.barrier()  # the next stage reads out/<level>.pt in every process
+    return None
 
 
 def main(cfg):
-    os.makedirs(cfg.out, exist_ok=True)
-    try:  # bad data ends here, in one line, before any checkpoint is touched
-        images, raw_lineages, wheres = load_data(
-            cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
-            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
-        taxonomy, raw_lineages = build_taxonomy(raw_lineages, wheres, keep_first=cfg.conflicts == "keep-first")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
-    dataset = TaxonDataset(images, raw_lineages, taxonomy)
-    if len(dataset) < cfg.batch_size:  # batches drop the remainder: there would be none at all
-        raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
-    lineages = taxonomy.lineages()
-    stages = stage_plan(taxonomy, cfg.first_level, cfg.level)
-    print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; "
-          f"stages: {' -> '.join(RANKS[r] for r in stages)}")
-    prev_path = None
-    with open(os.path.join(cfg.out, "train.log"), "a") as log:
-        for level in stages:
-            path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
-            if os.path.exists(path):
-                check_same_taxonomy(torch.load(path, weights_only=True), lineages, path)
-                print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
-            else:
-                train_stage(cfg, level, stages, dataset, taxonomy, lineages, prev_path, log)
-            prev_path = path
+    rank, world, cfg = start_processes(cfg)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:  # fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
+            os.makedirs(cfg.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=cfg.out).close()
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to --out {cfg.out}: {e.strerror}")
+        if cfg.amp and not cfg.device.startswith("cuda"):
+            raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
+                             "where bf16 is many times slower than fp32; drop --amp")
+        if cfg.batch_size % world:
+            raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
+        try:  # bad data ends here, in one line, before any checkpoint is touched
+            images, raw_lineages, wheres = load_data(
+                cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
+                columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out,
+                workers=cfg.workers)
+            found, raw_lineages = build_taxonomy(raw_lineages, wheres, keep_first=cfg.conflicts == "keep-first")
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
+        # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
+        taxonomy = Taxonomy(found.lineages())
+        dataset = TaxonDataset(images, raw_lineages, taxonomy, flip=False)  # the loop flips, with its own generator
+        if len(dataset) < cfg.batch_size:
+            raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
+        stages = stage_plan(taxonomy, cfg.first_level, cfg.level)
+        if rank == 0:
+            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; "
+                  f"stages: {' -> '.join(RANKS[r] for r in stages)}")
+        stop = catch_stop_signals()
+        prev_path = None
+        with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
+            for level in stages:
+                path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
+                if os.path.exists(path):
+                    check_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path, cfg, taxonomy,
+                                     resuming=False)
+                    if rank == 0:
+                        print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
+                elif signum := train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
+                    raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
+                prev_path = path
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def parse_args(argv=None):
     """Every TrainConfig field is a flag: --batch-size 64, --level species, ..."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:  # --amp, --compile: switches
+            parser.add_argument(flag, action="store_true")
+            continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
                    "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first")}.get(f.name)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices=choices, help=f"default: {f.default}")
+        parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
+                            help=f"default: {f.default}")
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 

@@ -1,0 +1,270 @@
+"""Training you can trust: exact resume, kills at any moment, torchrun, and the guards' messages.
+
+Everything runs the tiny UNet on 16x16 toy images with one thread per process, so
+that a run takes seconds and its arithmetic is the same in every process.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import train
+from model import build_model
+from taxonomy import Taxonomy
+from train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = TrainConfig(level="class", size="tiny", image_size=16, per_species=2, batch_size=8, steps=6,
+                   grid_cols=2, grid_steps=2, device="cpu")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one thread, as in this process (see one_thread)
+
+
+def flags(cfg):
+    """The command line that gives this TrainConfig."""
+    args = []
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [] if v is False else [flag, str(v)]  # bools are switches
+    return args
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def interrupt_at(monkeypatch, step):
+    """A SIGINT (Ctrl-C) to this process during training step `step`: train.py saves after that step and stops."""
+    calls = []
+
+    def update_ema(*args):
+        train_update_ema(*args)
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+    train_update_ema = train.update_ema
+    monkeypatch.setattr(train, "update_ema", update_ema)
+
+
+def tensors(path):
+    ckpt = torch.load(path, weights_only=True)
+    opt = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
+    return ckpt, list(ckpt["model"].values()) + list(ckpt["ema"].values()) + opt
+
+
+def assert_same_weights(a, b, atol=0.0):
+    (ca, ta), (cb, tb) = tensors(a), tensors(b)
+    assert ca["step"] == cb["step"] and len(ta) == len(tb)
+    for x, y in zip(ta, tb):
+        if atol:
+            torch.testing.assert_close(x, y, atol=atol, rtol=0)
+        else:
+            assert torch.equal(x, y)  # bit for bit
+
+
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = replace(TINY, level="order", save_every=4)  # the order stage starts from class.pt
+    train.main(replace(cfg, out=str(tmp_path / "straight")))
+    out = tmp_path / "resumed"
+    interrupt_at(monkeypatch, 6 + 2)  # in the order stage
+    with pytest.raises(SystemExit) as stopped:
+        train.main(replace(cfg, out=str(out)))
+    assert stopped.value.code == 128 + signal.SIGINT
+    last = torch.load(out / "order.last.pt", weights_only=True)
+    assert last["step"] == 2 and not (out / "order.pt").exists()
+    monkeypatch.undo()
+    train.main(replace(cfg, out=str(out)))  # the same command again
+    assert not (out / "order.last.pt").exists()
+    for level in ["class", "order"]:
+        assert_same_weights(tmp_path / "straight" / f"{level}.pt", out / f"{level}.pt")
+
+
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
+    cfg = replace(TINY, steps=40, save_every=1)
+    train.main(replace(cfg, out=str(tmp_path / "straight")))
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *flags(replace(cfg, out=str(tmp_path / "killed")))]
+    last, tmp, done = (tmp_path / "killed" / name for name in ["class.last.pt", "class.last.pt.tmp", "class.pt"])
+
+    def stamp(path):
+        return path.stat().st_mtime_ns if path.exists() else None
+    rng, kills, mid_save, step = random.Random(0), 0, 0, 0
+    while kills < 10 and not done.exists():
+        last_seen, tmp_seen = stamp(last), stamp(tmp)
+        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        aim_at_save = kills % 2 == 1  # every other kill lands while a checkpoint is being written
+        while proc.poll() is None and (stamp(tmp) in (None, tmp_seen) if aim_at_save else stamp(last) == last_seen):
+            time.sleep(0.0005)
+        if not aim_at_save:
+            time.sleep(rng.uniform(0, 0.2))  # a random moment after it has made progress
+        proc.send_signal(signal.SIGKILL)
+        if proc.wait() != -signal.SIGKILL:
+            break  # it finished first
+        kills += 1
+        mid_save += tmp.exists() and stamp(tmp) != tmp_seen
+        latest = torch.load(done if done.exists() else last, weights_only=True)  # whole, and plain data
+        assert latest["step"] >= step
+        step = latest["step"]
+    print(f"{kills} kills, {mid_save} while saving, the last at step {step}")
+    assert kills >= 10 and mid_save >= 1
+    subprocess.run(command, env=ENV, check=True, capture_output=True)
+    assert_same_weights(tmp_path / "straight" / "class.pt", done)
+
+
+DDP_WORKER = """
+import hashlib, os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+
+hashes, update_ema = [], train.update_ema
+def spy(ema, model, decay):  # after each step: a hash of this process's parameters; a Ctrl-C at step 3
+    update_ema(ema, model, decay)
+    hashes.append(hashlib.sha256(torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()).hexdigest())
+    if len(hashes) == 3 and os.environ["RANK"] == "0":
+        signal.raise_signal(signal.SIGINT)
+train.update_ema = spy
+try:
+    train.main(train.parse_args())
+finally:
+    torch.save(hashes, f"hashes{{os.environ['RANK']}}.pt")
+"""
+
+
+def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, monkeypatch):
+    cfg = replace(TINY, steps=6)
+    (tmp_path / "worker.py").write_text(DDP_WORKER.format(root=ROOT))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(torchrun + ["worker.py", *flags(cfg), "--out", "ddp"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True)
+    assert "stopped at step 3/6" in proc.stderr, proc.stderr[-3000:]  # rank 0's Ctrl-C stops both at once
+    h0, h1 = torch.load(tmp_path / "hashes0.pt"), torch.load(tmp_path / "hashes1.pt")
+    assert h0 == h1 and len(h0) == 3  # both processes hold the same parameters after every step
+
+    # one process, the same global batch, stopped at the same step
+    one = tmp_path / "one"
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train.main(replace(cfg, out=str(one)))
+    monkeypatch.undo()
+    assert_same_weights(one / "class.last.pt", tmp_path / "ddp" / "class.last.pt", atol=1e-5)
+
+    # the 2-process run resumed in one process ends where the 1-process run ends
+    train.main(replace(cfg, out=str(one)))
+    train.main(replace(cfg, out=str(tmp_path / "ddp")))
+    assert_same_weights(one / "class.pt", tmp_path / "ddp" / "class.pt", atol=1e-5)
+
+
+class FakeCompiled(nn.Module):
+    """Stands in for torch.compile's wrapper (whose own state_dict keys start with '_orig_mod.'), without compiling."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod, self.calls = module, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self._orig_mod(*args)
+
+
+def test_compiled_run_saves_the_plain_module(tmp_path, monkeypatch):
+    wrappers = []
+    monkeypatch.setattr(torch, "compile", lambda m: wrappers.append(FakeCompiled(m)) or wrappers[-1])
+    train.main(replace(TINY, steps=2, compile=True, out=str(tmp_path)))
+    assert wrappers and wrappers[0].calls == 2  # the steps ran through the wrapper
+    ckpt = torch.load(tmp_path / "class.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    build_model(ckpt).load_state_dict(ckpt["ema"])  # and it loads into a plain model
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    loss, calls = train.Diffusion.loss, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        return loss(self, *args, **kwargs) * (float("nan") if len(calls) == 5 else 1.0)
+    monkeypatch.setattr(train.Diffusion, "loss", poisoned)
+    with pytest.raises(SystemExit) as err:
+        train.main(replace(TINY, save_every=2, out=str(tmp_path)))
+    assert str(err.value) == (f"error: loss is nan at step 5 of stage class; {tmp_path}/class.last.pt (step 4) "
+                              "is intact; try a lower --lr")
+    ckpt = torch.load(tmp_path / "class.last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
+
+
+def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(train, "load_data", None)  # training would need the data first
+    with pytest.raises(SystemExit, match=r"^error: cannot write to --out .*/file/out: "):
+        train.main(replace(TINY, out=str(tmp_path / "file" / "out")))
+
+
+def test_amp_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --amp is bf16 autocast for CUDA"):
+        train.main(replace(TINY, amp=True, out=str(tmp_path)))
+
+
+def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    train.main(replace(TINY, steps=2, out=str(out)))
+    runs = {"image size": (replace(TINY, level="order", image_size=8),
+                           "trained with --image-size 16, this run has --image-size 8"),
+            "network": (replace(TINY, level="order", size="small"),
+                        "trained with --size tiny, this run has --size small")}
+    # another taxonomy: a folder tree of two species not in the toy tree
+    for species in ["Felis catus", "Felis silvestris"]:
+        folder = tmp_path / "tree" / "Mammalia" / "Carnivora" / "Felidae" / "Felis" / species
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    runs["taxonomy"] = (replace(TINY, level="order", data=str(tmp_path / "tree")), "was trained on another taxonomy "
+                        "(lineages only in the data: 2 (e.g. 'Mammalia/Carnivora/Felidae/Felis/Felis catus'); "
+                        "lineages only in the checkpoint: 48 (e.g. 'Animalia/")
+    for what, (cfg, message) in runs.items():
+        with pytest.raises(SystemExit) as err:
+            train.main(replace(cfg, out=str(out)))
+        assert message in str(err.value) and "\n" not in str(err.value), what
+        assert str(err.value).endswith(f"use the flags it was trained with, another --out, or delete {out}/class.pt")
+
+    # other ranks
+    ckpt = torch.load(out / "class.pt", weights_only=True)
+    torch.save({**ckpt, "ranks": ckpt["ranks"][1:]}, out / "class.pt")
+    with pytest.raises(SystemExit, match="class.pt has ranks phylum/class/.*/species, this run kingdom/phylum/"):
+        train.main(replace(TINY, level="order", out=str(out)))
+
+    # resuming a stage with another flag that changes what it computes
+    torch.save({**ckpt, "step": 1}, out / "class.last.pt")
+    os.remove(out / "class.pt")
+    with pytest.raises(SystemExit, match=r"class.last.pt was trained with --lr 0.001, this run has --lr 0.002;"):
+        train.main(replace(TINY, steps=2, lr=2e-3, out=str(out)))
+
+
+def test_stage_checkpoints_map_taxa_by_name():
+    a = [("Animalia", None, "Aves", "Passeriformes", None, None, None),
+         ("Animalia", None, "Aves", "Strigiformes", None, None, None),
+         ("Animalia", None, "Insecta", None, None, None, None)]
+    ours, theirs = Taxonomy(a), Taxonomy(a[::-1])  # the same taxa, listed in another order
+    assert ours.vocab[3] != theirs.vocab[3]
+    state = {f"conditioner.embed.{r}.weight": torch.arange(len(v)).float()[:, None] for r, v in enumerate(theirs.vocab)}
+    moved = train.by_name(state, theirs.vocab, ours)
+    for r, names in enumerate(ours.vocab):
+        for i, name in enumerate(names):  # our row for each name holds the checkpoint's row for that name
+            assert moved[f"conditioner.embed.{r}.weight"][i].item() == theirs.vocab[r].index(name)
+    # Leaves at two ranks: the data's order of first appearance is not the order its lineages rebuild, which is
+    # what sample.py does (Taxonomy(ckpt["lineages"])); train.py numbers taxa in the rebuilt order.
+    mixed = [("Animalia", None, "Aves", "Passeriformes", "Paridae", "Parus", "Parus major"),
+             ("Animalia", None, "Aves", "Passeriformes", "Paridae", "Poecile", None)]
+    as_listed, rebuilt = Taxonomy(mixed), Taxonomy(Taxonomy(mixed).lineages())
+    assert as_listed.vocab[5] == ["<unknown>", "Parus", "Poecile"]
+    assert rebuilt.vocab[5] == ["<unknown>", "Poecile", "Parus"]
+    assert Taxonomy(rebuilt.lineages()).vocab == rebuilt.vocab

@@ -669,7 +669,7 @@ def evaluate_checkpoint(args):
         acc, cf = None, None
         if toy:
             cf, pred = classify(clf, images)
-            target_names = [[taxonomy.vocab[r][j] for r, j in enumerate(row)] for row in ids.tolist()]
+            target_names = [[taxonomy.vocab[r][j] if j else None for r, j in enumerate(row)] for row in ids.tolist()]
             target = rank_targets(clf_tax, target_names)  # in the classifier's vocabulary
             acc = (pred == target).float().mean(0)
             acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for

@@ -39,6 +39,7 @@ import importlib.metadata
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -449,11 +450,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # scipy warns about singular input; the checks below handle it
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         print(f"note: singular product of covariances; adding {eps} to their diagonals")
         offset = np.eye(len(sigma1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"the matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}: "
@@ -462,14 +467,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def kernel_inception_distance(f1, f2, subsets=100, subset_size=1000, seed=0):
+def kernel_inception_distance(f1, f2, subsets=100, subset_size=None, seed=0):
     """KID: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over random subsets.
+
+    subset_size defaults to 1000 (torchmetrics' and torch-fidelity's default), or
+    to half the smaller set when it has fewer than 2000 images, so that the
+    subsets differ and the std says something.
 
     For one subset of m rows from each set, with K the kernel matrices:
         MMD^2 = (sum K11 - tr K11 + sum K22 - tr K22) / (m (m - 1)) - 2 sum K12 / m^2
     """
     f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    m = min(subset_size, len(f1), len(f2))
+    m = subset_size or max(2, min(1000, min(len(f1), len(f2)) // 2))
+    m = min(m, len(f1), len(f2))
     d = f1.shape[1]
     rng = np.random.default_rng(seed)
     mmds = []

@@ -581,6 +581,24 @@ def train_classifier(image_size=32, per_species=100, epochs=4, batch_size=128, s
     return model.eval(), taxonomy
 
 
+def toy_targets(clf_tax, taxonomy, ids):
+    """What each image should show: the toy lineage of its finest conditioned taxon, in the classifier's ids.
+
+    Found by the taxon's name, so a model that was given the species alone (train.py --schedule flat)
+    is still scored at every rank above it. ids (N, R) in `taxonomy` -> (N, len(EVAL_RANKS)).
+    """
+    by_name = {}
+    for lin in clf_tax.lineages():
+        for r, name in enumerate(lin):
+            if name:
+                by_name[r, name] = [n if q <= r else None for q, n in enumerate(lin)]
+    targets = []
+    for row in ids.tolist():
+        r = max(q for q, j in enumerate(row) if j)  # the finest conditioned rank
+        targets.append(by_name[r, taxonomy.vocab[r][row[r]]])
+    return rank_targets(clf_tax, targets)
+
+
 @torch.no_grad()
 def classify(model, images, batch_size=256):
     """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(EVAL_RANKS)))."""
@@ -679,8 +697,7 @@ def evaluate_checkpoint(args):
         acc, cf = None, None
         if toy:
             cf, pred = classify(clf, images)
-            target_names = [[taxonomy.vocab[r][j] if j else None for r, j in enumerate(row)] for row in ids.tolist()]
-            target = rank_targets(clf_tax, target_names)  # in the classifier's vocabulary
+            target = toy_targets(clf_tax, taxonomy, ids)
             acc = (pred == target).float().mean(0)
             acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
         name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"

@@ -68,6 +68,10 @@ class TrainConfig:
     boxes: str = ""  # FishNet: bounding-box JSON {file stem: {x, y, w, h}}; each box crops its image
     conflicts: str = "error"  # a taxon under two parents: error, or keep-first (warn, follow the first parent)
     workers: int = min(8, os.cpu_count() or 1)  # processes decoding images on the first pass (then cached in --out)
+    schedule: str = "progressive"  # progressive: stage by stage, coarse to fine. One stage with the same total
+    #   steps: all (every rank from step 0), random (each example cut at a random rank), flat (species ids only)
+    freeze: str = "none"  # progressive stages after the first train: none = everything, unet = only the conditioner,
+    #   cross-attention and the pooled token, new-rank = only the new rank's table (as the official code)
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "out"  # checkpoints, grids and the log go here
@@ -88,6 +92,33 @@ def stage_plan(taxonomy, first_level, level):
     if last < first:
         raise SystemExit(f"error: --level {level} is coarser than the first stage --first-level {first_level}")
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]
+
+
+SCHEDULES = ("progressive", "all", "random", "flat")
+
+
+def schedule_stages(cfg, plan):
+    """(level, steps) of each stage to train. progressive trains the plan's stages one after another;
+    the other schedules train one stage, at the finest rank, for as many steps as all of them."""
+    steps = [cfg.steps or (500 if i < 2 else 1000) for i in range(len(plan))]  # the fine traits take longer
+    if cfg.schedule == "progressive":
+        return list(zip(plan, steps))
+    return [(plan[-1], sum(steps))]
+
+
+def flat_lineage(lineage):
+    """The flat baseline's label: the leaf name alone at its rank, no hierarchy above it."""
+    leaf = max(r for r, name in enumerate(lineage) if name)
+    return tuple(name if r == leaf else None for r, name in enumerate(lineage))
+
+
+def trainable(name, freeze, new_ranks):
+    """Whether parameter `name` trains in a progressive stage after the first, under policy `freeze`."""
+    if freeze == "unet":  # what reads the lineage: the tables, the cross-attention, the pooled-token projection
+        return name.startswith("conditioner.") or ".cross." in name or name.startswith("unet.pooled.")
+    if freeze == "new-rank":
+        return any(name == f"conditioner.embed.{r}.weight" for r in new_ranks)
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -241,15 +272,12 @@ def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
     save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
 
 
-def train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
+def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
     """Train one stage: condition on ranks 0..level, start from the previous stage's weights.
 
     Resumes from out/<level>.last.pt when it exists. Returns the number of the
     signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
     """
-    # The first stages learn to draw at all and the coarse traits; the finer traits are small, and took
-    # about twice as long to show on the toy tree.
-    steps = cfg.steps or (500 if stages.index(level) < 2 else 1000)
     name, device = RANKS[level], cfg.device
     path, last_path = os.path.join(cfg.out, f"{name}.pt"), os.path.join(cfg.out, f"{name}.last.pt")
     torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
@@ -293,6 +321,11 @@ def train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, wor
         model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
         ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
 
+    if prev_path:  # --freeze: what a later stage may change (AdamW skips what gets no gradient)
+        prev_level = stages[stages.index(level) - 1]
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable(n, cfg.freeze, range(prev_level + 1, level + 1)))
+
     def save(step):
         """Write out/<level>.last.pt: everything needed to carry on from `step` as if never stopped."""
         rngs = [rng_states()]
@@ -333,6 +366,9 @@ def train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, wor
         eps = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[mine]
         u = torch.rand(2, B, generator=gen, device=device)[:, mine]
         x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)  # a random mirror image
+        if cfg.schedule == "random":  # each example its own depth, from the first stage's rank to this one
+            depth = stages[0] + (torch.rand(B, generator=gen, device=device) * (level - stages[0] + 1)).long()[mine]
+            ids = cut_lineage(ids, depth)
         ids = condition_dropout(cut_lineage(ids, level), cfg.p_uncond, cfg.p_cut, u=u)
         with amp:
             loss = diffusion.loss(net, x0, ids, t=t, eps=eps)
@@ -403,26 +439,34 @@ def main(cfg):
             found, raw_lineages = build_taxonomy(raw_lineages, wheres, keep_first=cfg.conflicts == "keep-first")
         except DataError as e:
             raise SystemExit(f"error: {e}")
+        # The stages come from the full hierarchy, also for --schedule flat: the same total steps.
+        plan = stage_plan(found, cfg.first_level, cfg.level)
+        if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
+            raw_lineages = [flat_lineage(lin) for lin in raw_lineages]
+            found = Taxonomy(raw_lineages)
         # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
         taxonomy = Taxonomy(found.lineages())
         dataset = TaxonDataset(images, raw_lineages, taxonomy, flip=False)  # the loop flips, with its own generator
         if len(dataset) < cfg.batch_size:
             raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
-        stages = stage_plan(taxonomy, cfg.first_level, cfg.level)
+        to_train = schedule_stages(cfg, plan)
+        # the ranks the run covers (the first is the root of TaxaGuide); flat has the leaf's alone
+        stages = stage_plan(taxonomy, cfg.first_level, cfg.level) if cfg.schedule == "flat" else plan
         if rank == 0:
-            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; "
-                  f"stages: {' -> '.join(RANKS[r] for r in stages)}")
+            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
+                  + " -> ".join(f"{RANKS[r]} ({n} steps)" for r, n in to_train))
         stop = catch_stop_signals()
         prev_path = None
         with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
-            for level in stages:
+            for level, steps in to_train:
                 path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
                 if os.path.exists(path):
                     check_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path, cfg, taxonomy,
                                      resuming=False)
                     if rank == 0:
                         print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
-                elif signum := train_stage(cfg, level, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
+                elif signum := train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, rank, world,
+                                           stop):
                     raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
                 prev_path = path
     finally:
@@ -441,7 +485,8 @@ def parse_args(argv=None):
             parser.add_argument(flag, action="store_true")
             continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
-                   "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first")}.get(f.name)
+                   "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
+                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank")}.get(f.name)
         parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
                             help=f"default: {f.default}")
     return TrainConfig(**vars(parser.parse_args(argv)))

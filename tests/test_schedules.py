@@ -1,0 +1,75 @@
+"""train.py --schedule and --freeze: what each trains, for how long, and on which labels."""
+import pytest
+import torch
+
+import fid
+import train
+from model import TaxaDiffusion
+from taxonomy import RANKS, Taxonomy, toy_species
+from unet import SIZES, UNetConfig
+
+TINY = ["--size", "tiny", "--steps", "2", "--batch-size", "8", "--per-species", "2", "--image-size", "16",
+        "--grid-cols", "1", "--grid-steps", "1", "--device", "cpu", "--save-every", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny runs: a second thread only spins
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_schedule_trains_as_many_steps():
+    plan = [2, 3, 4, 5, 6]  # class .. species
+    cfg = train.TrainConfig()
+    assert train.schedule_stages(cfg, plan) == [(2, 500), (3, 500), (4, 1000), (5, 1000), (6, 1000)]
+    for schedule in ["all", "random", "flat"]:
+        assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 4000)]
+    assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7), plan) == [(6, 35)]
+
+
+def test_flat_lineage_keeps_the_leaf_alone():
+    lineage = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
+    assert train.flat_lineage(lineage) == (None,) * 6 + ("Corvus corax",)
+    assert train.flat_lineage(("Animalia", None, "Aves", None, None, None, None)) == (None, None, "Aves") + (None,) * 4
+
+
+def test_freeze_policies_pick_parameters():
+    names = [n for n, _ in TaxaDiffusion(UNetConfig(**SIZES["tiny"]), [2] * len(RANKS)).named_parameters()]
+    assert all(train.trainable(n, "none", [4]) for n in names)
+    unet = {n for n in names if train.trainable(n, "unet", [4])}
+    assert {n for n in names if n.startswith("conditioner.")} <= unet
+    assert any(".cross.to_k." in n for n in unet) and "unet.pooled.weight" in unet
+    assert not any(".conv1." in n or ".attn.qkv." in n or n.startswith("unet.conv_in") for n in unet)
+    assert [n for n in names if train.trainable(n, "new-rank", [4, 5])] == ["conditioner.embed.4.weight",
+                                                                           "conditioner.embed.5.weight"]
+
+
+def test_freeze_new_rank_changes_only_the_new_table(tmp_path):
+    train.main(train.parse_args(["--level", "order", "--freeze", "new-rank", "--out", str(tmp_path), *TINY]))
+    before = torch.load(tmp_path / "class.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "order.pt", weights_only=True)["model"]
+    changed = sorted(k for k in after if not torch.equal(before[k], after[k]))
+    assert changed == ["conditioner.embed.3.weight"]  # the order table; the UNet is the class stage's
+
+
+@pytest.mark.parametrize("schedule", ["random", "flat"])
+def test_one_stage_schedules(tmp_path, schedule):
+    train.main(train.parse_args(["--level", "species", "--schedule", schedule, "--out", str(tmp_path), *TINY]))
+    assert not (tmp_path / "class.pt").exists()  # one stage, at the finest rank
+    ckpt = torch.load(tmp_path / "species.pt", weights_only=True)
+    assert ckpt["train_config"]["schedule"] == schedule
+    assert ckpt["step"] == 2 * 5  # the steps of all five progressive stages
+    known = {r for lin in ckpt["lineages"] for r, name in enumerate(lin) if name}
+    assert known == ({6} if schedule == "flat" else set(range(len(RANKS))))
+
+
+def test_flat_models_are_scored_at_every_rank():
+    toy = Taxonomy([lin for lin, _ in toy_species()])
+    flat = Taxonomy([train.flat_lineage(lin) for lin, _ in toy_species()])
+    i = flat.vocab[6].index("Corvus corax")
+    ids = torch.tensor([flat.ancestors(6, i)])  # species id only
+    target = fid.toy_targets(toy, flat, ids)[0]
+    expected = ["Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]
+    assert [toy.vocab[r][j] for r, j in zip(range(2, 7), target.tolist())] == expected

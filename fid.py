@@ -436,34 +436,47 @@ def statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
+def sqrtm_real(a):
+    """scipy's matrix square root of a, or None when it is not finite or has an imaginary part above 1e-3.
+
+    The product of two covariances has a real square root; rounding adds a tiny
+    imaginary part, which is dropped. Above pytorch-fid's tolerance 1e-3 the
+    root cannot be trusted.
+    """
+    with warnings.catch_warnings():  # scipy warns about singular input; the checks here handle it
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(a)
+    if not np.isfinite(root).all():
+        return None
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            return None
+        root = root.real
+    return root
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)), the Frechet distance of two Gaussians.
 
-    (Sigma1 Sigma2)^(1/2) is scipy's matrix square root. With fewer images than
-    dimensions both Sigmas are singular and the root can come back inf or nan:
-    then both get eps * I added. A product of two covariances has a real root, so
-    a complex result may only carry rounding noise in its diagonal; a large
-    imaginary part means the statistics are broken, and we say so.
+    (Sigma1 Sigma2)^(1/2) is scipy's matrix square root (see sqrtm_real). With
+    fewer images than dimensions both Sigmas are singular, and the root can come
+    back inf, nan or with a large imaginary part: then both Sigmas get eps * I
+    added and the root is taken again. (pytorch-fid retries only on inf or nan,
+    and stops on the imaginary part; where it gives a number, this gives the same.)
+    If even that root is not real, the statistics are broken, and we say so.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # scipy warns about singular input; the checks below handle it
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        print(f"note: singular product of covariances; adding {eps} to their diagonals")
+    covmean = sqrtm_real(sigma1 @ sigma2)
+    if covmean is None:  # inf, nan or a large imaginary part: singular covariances, as with few images
         offset = np.eye(len(sigma1)) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"the matrix square root has an imaginary part of {np.abs(covmean.imag).max():.3g}: "
+        covmean = sqrtm_real((sigma1 + offset) @ (sigma2 + offset))
+        if covmean is None:
+            raise ValueError("the square root of the covariances' product is not real even with an eps offset: "
                              "the statistics are not valid covariances")
-        covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 

@@ -56,6 +56,25 @@ def test_frechet_distance_singular_covariances_fall_back():
     assert np.isfinite(d) and d > 0
 
 
+def test_frechet_distance_retries_a_complex_root_with_an_offset():
+    # 48 images in 256 dimensions: scipy's first root has an imaginary part of ~1e-2, which pytorch-fid
+    # would reject; the eps retry agrees with the eigenvalue formula (torchmetrics') to 1e-8 relative
+    rng = np.random.default_rng(1)
+    f1 = np.maximum(rng.normal(size=(48, 256)) @ rng.normal(size=(256, 256)) * 3, 0)
+    f2 = np.maximum(rng.normal(size=(48, 256)) @ rng.normal(size=(256, 256)) * 3, 0)
+    (m1, s1), (m2, s2) = fid.statistics(f1), fid.statistics(f2)
+    assert fid.sqrtm_real(s1 @ s2) is None
+    eig = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * eig
+    assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_rejects_broken_statistics():
+    bad = np.array([[1.0, 0.0], [0.0, -4.0]])  # a negative variance: no real square root
+    with pytest.raises(ValueError, match="not valid covariances"):
+        fid.frechet_distance(np.zeros(2), bad, np.zeros(2), np.eye(2))
+
+
 def test_statistics_are_unbiased_float64():
     f = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]], dtype=np.float32)
     mu, sigma = fid.statistics(f)

@@ -1,0 +1,189 @@
+"""
+Does progressive training help? The paper's three claims, tested on the toy tree.
+
+    python tests/benchmarks/paper_claims.py             # the whole grid; resumes: finished cells are kept
+    python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
+    python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far
+
+The grid is schedule x images per species k x seed:
+- schedule: progressive (coarse to fine, the paper), all (every rank from step 0),
+  random (each example cut at a random rank), flat (species ids only),
+  all with the same network and the same total number of optimizer steps;
+- k in {4, 16, 64}: claim 2 says progressive helps most when k is small;
+- seeds {0, 1, 2}: a cell is a mean ± std over seeds, never one lucky seed.
+Each trained model is then sampled with each guidance negative (null = vanilla
+CFG, parent, root = the paper's TaxaGuide), and fid.py scores the images:
+per-rank accuracy of the taxon classifier, its Frechet distance, FID and KID.
+
+Every cell trains with train.py in its own folder (out/claims/<schedule>-k<k>-s<seed>/)
+and writes result.json there when it is done, so a killed grid loses one cell at most.
+"""
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import fid  # noqa: E402
+from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
+from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
+
+SCHEDULES = ("progressive", "all", "random", "flat")
+NEGATIVES = ("null", "parent", "root")
+
+
+def train_cell(args, schedule, k, seed, folder):
+    """Train one model with train.py (a subprocess: the same command a reader would type)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", schedule,
+           "--per-species", str(k), "--seed", str(seed), "--out", folder, "--size", args.size,
+           "--steps", str(args.stage_steps), "--freeze", args.freeze, "--device", args.device,
+           "--grid-cols", "4", "--grid-steps", "10"]
+    with open(os.path.join(folder, "stdout.txt"), "a") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def score_cell(args, folder, real, net, clf, clf_tax):
+    """Sample every species n times per guidance negative; the scores of each as plain numbers."""
+    model, ckpt = load_checkpoint(os.path.join(folder, "species.pt"), args.device)
+    diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
+    taxonomy = Taxonomy(ckpt["lineages"])
+    root_level = RANKS.index(ckpt["stages"][0])
+    ids = torch.tensor([taxonomy.ancestors(6, i) for i in range(1, len(taxonomy.vocab[6]))])
+    ids = ids.repeat_interleave(args.n_per_species, 0)  # (48 n, R)
+    target = fid.toy_targets(clf_tax, taxonomy, ids)
+    # a flat model knows no parent or root: all three negatives are the null lineage, so score it once
+    negatives = ["null"] if ckpt["train_config"]["schedule"] == "flat" else NEGATIVES
+    scores = {}
+    for neg in negatives:
+        images = fid.generate(model, diffusion, ids, args.guidance, neg, root_level, args.sample_steps, 64,
+                              args.seed_sampling, args.device)
+        cf, pred = fid.classify(clf, images)
+        feats = fid.inception_features(net, images, "torchmetrics", 50, args.device) if net else None
+        acc = (pred == target).float().mean(0)
+        scores[neg] = {**{r: float(a) for r, a in zip(fid.EVAL_RANKS, acc)},
+                       "classifier_fd": fid.frechet_distance(*fid.statistics(cf), *fid.statistics(real["clf"]))}
+        if net:
+            scores[neg]["fid"] = fid.frechet_distance(*fid.statistics(feats), *fid.statistics(real["inception"]))
+            scores[neg]["kid"] = fid.kernel_inception_distance(feats, real["inception"])[0]
+    return scores
+
+
+def report(args, cells):
+    """A markdown table (mean ± std over seeds) and the figure: species accuracy against k."""
+    results = {}
+    for schedule, k, seed in cells:
+        path = os.path.join(args.out, f"{schedule}-k{k}-s{seed}", "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                for neg, s in json.load(f)["scores"].items():
+                    results.setdefault((schedule, k, neg), []).append(s)
+    if not results:
+        print("no finished cells yet")
+        return
+    cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
+    lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
+    for (schedule, k, neg), runs in sorted(results.items(), key=lambda x: (SCHEDULES.index(x[0][0]), x[0][1],
+                                                                           NEGATIVES.index(x[0][2]))):
+        cells_txt = []
+        for c in cols:
+            v = np.array([r[c] for r in runs if c in r])
+            if len(v) == 0:
+                cells_txt.append("-")
+            elif c in fid.EVAL_RANKS:
+                cells_txt.append(f"{100 * v.mean():.1f} ± {100 * v.std():.1f}")
+            elif c == "kid":
+                cells_txt.append(f"{1e3 * v.mean():.2f} ± {1e3 * v.std():.2f}")
+            else:
+                cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
+        lines.append(f"| {schedule} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n\naccuracy in %; kid x 1e3; mean ± std over seeds\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for schedule in SCHEDULES:
+        ks = sorted(k for (s, k, neg) in results if s == schedule and neg == "null")
+        if ks:
+            acc = [np.array([r["species"] for r in results[schedule, k, "null"]]) * 100 for k in ks]
+            ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
+                        label=schedule)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training images per species (k)")
+    ax.set_ylabel("species accuracy (%), CFG")
+    ax.axhline(100 / 48, color="grey", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.figure, dpi=120)
+    print(f"-> {os.path.join(args.out, 'table.md')}, {args.figure}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="training images per species")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--size", default="small", help="UNet size (unet.SIZES)")
+    p.add_argument("--stage-steps", type=int, default=300, help="steps per progressive stage (x5 for one-stage runs)")
+    p.add_argument("--freeze", default="none", choices=["none", "unet", "new-rank"])
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--n-per-species", type=int, default=4, help="generated images per species and negative")
+    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--seed-sampling", type=int, default=0)
+    p.add_argument("--no-fid", action="store_true", help="skip FID/KID (no Inception weights, or to save time)")
+    p.add_argument("--quick", action="store_true", help="k = 4, one seed, 20 steps per stage: a pipeline check")
+    p.add_argument("--report", action="store_true", help="only write the table and figure")
+    p.add_argument("--out", default=os.path.join("out", "claims"))
+    p.add_argument("--figure", default=None, help="default: <out>/species_vs_k.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.quick:
+        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], 20, 1, 5
+        args.out = os.path.join(args.out, "quick")
+    args.figure = args.figure or os.path.join(args.out, "species_vs_k.png")
+    os.makedirs(args.out, exist_ok=True)
+    cells = list(itertools.product(args.schedules, args.k, args.seeds))
+    if args.report:
+        return report(args, cells)
+
+    # what the generated images are compared with: real toy images from a seed no model trained on
+    real_images, _ = toy_dataset(args.n_per_species, 32, fid.REAL_SEED)
+    net = None if args.no_fid else fid.load_inception(device=args.device)
+    clf, clf_tax = fid.load_classifier(32, os.path.join(args.out, "taxon_classifier.pt"))
+    real = {"clf": fid.classify(clf, real_images)[0],
+            "inception": fid.inception_features(net, real_images, "torchmetrics", 50, args.device) if net else None}
+    t_grid = time.time()
+    for i, (schedule, k, seed) in enumerate(cells):
+        folder = os.path.join(args.out, f"{schedule}-k{k}-s{seed}")
+        result = os.path.join(folder, "result.json")
+        if os.path.exists(result):
+            continue
+        os.makedirs(folder, exist_ok=True)
+        t0 = time.time()
+        print(f"[{i + 1}/{len(cells)}] {schedule}, k={k}, seed {seed}: training", flush=True)
+        train_cell(args, schedule, k, seed, folder)
+        t1 = time.time()
+        scores = score_cell(args, folder, real, net, clf, clf_tax)
+        print(f"    {t1 - t0:.0f} s training, {time.time() - t1:.0f} s scoring: "
+              + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
+        with open(result + ".tmp", "w") as f:
+            json.dump({"schedule": schedule, "k": k, "seed": seed, "scores": scores, "args": vars(args),
+                       "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
+        os.replace(result + ".tmp", result)
+    print(f"grid: {time.time() - t_grid:.0f} s this run")
+    report(args, cells)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
     python train.py --data train.json --image-size 64   # your own data (README: Training on your own data)
     torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
+    python train.py --level species --schedule flat --out out/flat   # an ablation: species ids only, one stage
 
 Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
 order) and starts from the weights of the stage before it. A missing earlier

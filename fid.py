@@ -678,7 +678,7 @@ def evaluate_checkpoint(args):
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
 
     # every taxon of the finest trained rank, n_per_taxon times: (N, R)
-    taxa = [i for i in range(1, len(taxonomy.vocab[level]))]
+    taxa = range(1, len(taxonomy.vocab[level]))  # id 0 is "unknown"
     ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
     n = len(ids)
     print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
@@ -743,7 +743,8 @@ def compare_sets(args):
             stats.append(load_statistics(path))
             feats.append(None)
             continue
-        net = net or load_inception(args.inception, args.device)
+        if net is None:  # loaded only when there are images to look at
+            net = load_inception(args.inception, args.device)
         f = inception_features(net, load_folder(path), args.mode, args.batch_size, args.device, f"inception ({path})")
         stats.append(statistics(f))
         feats.append(f)

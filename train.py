@@ -473,7 +473,7 @@ def main(cfg):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        if world > 1:
+        if dist.is_initialized():  # also under torchrun with one process
             dist.destroy_process_group()
 
 

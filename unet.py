@@ -264,10 +264,12 @@ class UNet(nn.Module):
 # log-sum-exp instead of storing the (N, M) matrix:
 #   p  = exp(s - lse),  dv = p^T do,  dp = do v^T,
 #   ds = p * (dp - delta) with delta = rowsum(do * o),  dq = ds k,  dk = ds^T q.
-# One kernel computes dk, dv for a block of keys (looping over queries), another
-# dq for a block of queries (looping over keys). Each output is written by
-# exactly one program (dk, dv as per-slice partial sums that are then added in a
-# fixed order), so there are no atomics and the result is deterministic.
+# One kernel computes dq for a block of queries (looping over keys), and delta on
+# the way; a second computes dk, dv for a block of keys (looping over queries).
+# When all the keys fit in one block (8 rank tokens; 64 image tokens at 8x8),
+# one kernel does both in a single pass. Each output is written by exactly one
+# program (dk, dv as per-slice partial sums that are then added in a fixed
+# order), so there are no atomics and the result is deterministic.
 #
 # Every length is masked, so N, M and d need not be multiples of the block:
 # cross-attention has only M = 8 keys (padded to a block of 16, the smallest
@@ -319,24 +321,44 @@ if triton is not None:
         tl.store(LSE + pid_bh * N + offs_n, m_i + tl.log2(l_i), mask=n_ok)  # log2-sum-exp2 of each row's scores
 
     @triton.jit
-    def _attn_bwd_delta(O, DO, DELTA, N, H, sob, soh, son, sod, sdb, sdh, sdn, sdd,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    def _attn_bwd_dq(Q, K, V, O, DO, LSE, DELTA, DQ, sm_scale, N, M, H,
+                     sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
+                     sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # dq for a block of queries, looping over the keys. It runs first and also stores
+        # delta = rowsum(do * o) for the dk/dv kernel, which saves a launch of its own.
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)  # a block of queries, of one (batch, head)
         b, h = pid_bh // H, pid_bh % H
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_ok, d_ok = offs_n < N, offs_d < D
-        o = _tile(O, b, h, offs_n, offs_d, sob, soh, son, sod, n_ok, d_ok)
+        q = _tile(Q, b, h, offs_n, offs_d, sqb, sqh, sqn, sqd, n_ok, d_ok)  # (BLOCK_N, BLOCK_D)
         do = _tile(DO, b, h, offs_n, offs_d, sdb, sdh, sdn, sdd, n_ok, d_ok)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_N,) = rowsum(dO * O)
+        o = _tile(O, b, h, offs_n, offs_d, sob, soh, son, sod, n_ok, d_ok)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_N,)
         tl.store(DELTA + pid_bh * N + offs_n, delta, mask=n_ok)
+        lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+        qk_scale = sm_scale * LOG2E
+        dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for start in range(0, M, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            k = _tile(K, b, h, offs_m, offs_d, skb, skh, skm, skd, m_ok, d_ok)  # (BLOCK_M, BLOCK_D)
+            v = _tile(V, b, h, offs_m, offs_d, svb, svh, svm, svd, m_ok, d_ok)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M), recomputed
+            p = tl.exp2(s - lse[:, None])  # the forward's softmax probabilities, exactly
+            p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))  # (BLOCK_N, BLOCK_M)
+            ds = p * (dp - delta[:, None])  # gradient of the scores (softmax backward)
+            dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
+        _store_tile(DQ, dq * sm_scale, b, h, offs_n, offs_d, sdqb, sdqh, sdqn, sdqd, n_ok, d_ok)
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK_PART, DV_PART, sm_scale, N, M, H, SPLITS,
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, N, M, H, SPLITS, split_stride,
                        sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
                        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        # a block of keys of one (batch, head), and one of SPLITS slices of the queries: with only 8
-        # keys there would otherwise be one program per (batch, head), too few to fill a GPU.
+        # dk, dv for a block of keys of one (batch, head), over one of SPLITS slices of the queries:
+        # with only 8 keys there would otherwise be one program per (batch, head), too few to fill a GPU.
         pid_m, pid_bh, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = pid_bh // H, pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -355,47 +377,60 @@ if triton is not None:
             do = _tile(DO, b, h, offs_n, offs_d, sdb, sdh, sdn, sdd, n_ok, d_ok)
             lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
             delta = tl.load(DELTA + pid_bh * N + offs_n, mask=n_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M), recomputed
-            p = tl.exp2(s - lse[:, None])  # the forward's softmax probabilities, exactly
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M)
+            p = tl.exp2(s - lse[:, None])
             p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_M, BLOCK_D)
             dp = tl.dot(do, tl.trans(v))  # (BLOCK_N, BLOCK_M)
-            ds = p * (dp - delta[:, None])  # gradient of the scores (softmax backward)
+            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_M, BLOCK_D)
-        # partial sums, fp32, in (SPLITS, B*H, M, D) buffers: the caller adds the slices in a fixed order
-        part_b, part_h = tl.num_programs(1) * M * D, M * D  # strides of the contiguous buffers
-        _store_tile(DK_PART, dk * sm_scale, pid_s, pid_bh, offs_m, offs_d, part_b, part_h, D, 1, m_ok, d_ok)
-        _store_tile(DV_PART, dv, pid_s, pid_bh, offs_m, offs_d, part_b, part_h, D, 1, m_ok, d_ok)
-
+        # DK, DV: contiguous (SPLITS, B*H, M, D) buffers; the caller adds the slices in a fixed order
+        # (with one slice they are dk and dv themselves, in the inputs' dtype)
+        _store_tile(DK, dk * sm_scale, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
+        _store_tile(DV, dv, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, N, M, H,
-                     sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sdb, sdh, sdn, sdd,
-                     sdqb, sdqh, sdqn, sdqd,
-                     D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)  # a block of queries, of one (batch, head)
+    def _attn_bwd_onepass(Q, K, V, O, DO, LSE, DQ, DK, DV, sm_scale, N, M, H, SPLITS, split_stride,
+                          sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
+                          sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
+                          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # The whole backward in one launch, for when every key fits one block (the 8 rank tokens of
+        # cross-attention, self-attention at 8x8): then a program that walks over its slice of the
+        # queries sees all the keys at once, and can write dq as it goes and sum dk, dv on the way.
+        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        n_ok, d_ok = offs_n < N, offs_d < D
-        q = _tile(Q, b, h, offs_n, offs_d, sqb, sqh, sqn, sqd, n_ok, d_ok)  # (BLOCK_N, BLOCK_D)
-        do = _tile(DO, b, h, offs_n, offs_d, sdb, sdh, sdn, sdd, n_ok, d_ok)
-        lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
-        delta = tl.load(DELTA + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+        m_ok, d_ok = offs_m < M, offs_d < D
+        k = _tile(K, b, h, offs_m, offs_d, skb, skh, skm, skd, m_ok, d_ok)  # (BLOCK_M, BLOCK_D): all keys
+        v = _tile(V, b, h, offs_m, offs_d, svb, svh, svm, svd, m_ok, d_ok)
         qk_scale = sm_scale * LOG2E
-        dq = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        for start in range(0, M, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
-            k = _tile(K, b, h, offs_m, offs_d, skb, skh, skm, skd, m_ok, d_ok)  # (BLOCK_M, BLOCK_D)
-            v = _tile(V, b, h, offs_m, offs_d, svb, svh, svm, svd, m_ok, d_ok)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+        dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLITS) * BLOCK_N
+        for start in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, N), BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            q = _tile(Q, b, h, offs_n, offs_d, sqb, sqh, sqn, sqd, n_ok, d_ok)  # (BLOCK_N, BLOCK_D)
+            do = _tile(DO, b, h, offs_n, offs_d, sdb, sdh, sdn, sdd, n_ok, d_ok)
+            o = _tile(O, b, h, offs_n, offs_d, sob, soh, son, sod, n_ok, d_ok)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_N,) = rowsum(do * o)
+            lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M)
             p = tl.exp2(s - lse[:, None])
             p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_M, BLOCK_D)
+            dp = tl.dot(do, tl.trans(v))  # (BLOCK_N, BLOCK_M)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_N, BLOCK_D)
-        _store_tile(DQ, dq * sm_scale, b, h, offs_n, offs_d, sdqb, sdqh, sdqn, sdqd, n_ok, d_ok)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_M, BLOCK_D)
+            dq = tl.dot(ds.to(k.dtype), k)  # (BLOCK_N, BLOCK_D): complete, every key is here
+            _store_tile(DQ, dq * sm_scale, b, h, offs_n, offs_d, sdqb, sdqh, sdqn, sdqd, n_ok, d_ok)
+        _store_tile(DK, dk * sm_scale, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
+        _store_tile(DV, dv, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
+
+
+# How many programs a backward launch aims for: enough to keep every SM of a large GPU busy.
+BACKWARD_PROGRAMS = 512
 
 
 def _blocks(N, M, D):
@@ -421,20 +456,33 @@ def _flash_backward(q, k, v, o, lse, do):
     B, H, N, D = q.shape
     M = k.shape[2]
     blocks = _blocks(N, M, D)
-    delta = torch.empty_like(lse)  # (B*H, N)
     dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     n_blocks, m_blocks = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(M, blocks["BLOCK_M"])
-    # slice the queries of the dk/dv pass so that there are ~512 programs, enough to fill a GPU
-    splits = min(n_blocks, max(1, 512 // (m_blocks * B * H)))
-    dk_part = torch.empty((splits, B * H, M, D), device=q.device, dtype=torch.float32)
-    dv_part = torch.empty_like(dk_part)
-    _attn_bwd_delta[(n_blocks, B * H)](o, do, delta, N, H, *o.stride(), *do.stride(),
-                                       D=D, BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"], num_warps=4)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkdv[(m_blocks, B * H, splits)](
-        q, k, v, do, lse, delta, dk_part, dv_part, D ** -0.5, N, M, H, splits, *strides, D=D, **blocks)
-    _attn_bwd_dq[(n_blocks, B * H)](
-        q, k, v, do, lse, delta, dq, D ** -0.5, N, M, H, *strides, *dq.stride(), D=D, **blocks)
+    # slice the queries of the dk/dv pass so that there are enough programs to fill a GPU; each slice
+    # writes its own partial dk, dv (fp32), added below. With one slice the kernel writes dk, dv directly.
+    splits = min(n_blocks, max(1, BACKWARD_PROGRAMS // (m_blocks * B * H)))
+    if splits == 1:
+        dk_part = torch.empty((B, H, M, D), device=q.device, dtype=k.dtype)
+        dv_part = torch.empty((B, H, M, D), device=q.device, dtype=v.dtype)
+    else:
+        dk_part = torch.empty((splits, B * H, M, D), device=q.device, dtype=torch.float32)
+        dv_part = torch.empty_like(dk_part)
+    split_stride = B * H * M * D
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    if m_blocks == 1:  # every key in one block: one launch does it all
+        _attn_bwd_onepass[(B * H, splits)](
+            q, k, v, o, do, lse, dq, dk_part, dv_part, D ** -0.5, N, M, H, splits, split_stride,
+            *strides, *o.stride(), *do.stride(), *dq.stride(), D=D, **blocks)
+    else:  # dq (and delta) first, then dk, dv
+        delta = torch.empty_like(lse)  # (B*H, N)
+        _attn_bwd_dq[(n_blocks, B * H)](
+            q, k, v, o, do, lse, delta, dq, D ** -0.5, N, M, H,
+            *strides, *o.stride(), *do.stride(), *dq.stride(), D=D, **blocks)
+        _attn_bwd_dkdv[(m_blocks, B * H, splits)](
+            q, k, v, do, lse, delta, dk_part, dv_part, D ** -0.5, N, M, H, splits, split_stride,
+            *strides, *do.stride(), D=D, **blocks)
+    if splits == 1:
+        return dq, dk_part, dv_part
     dk = dk_part.sum(0).view(B, H, M, D).to(k.dtype)  # (splits, B*H, M, D) -> (B, H, M, D)
     dv = dv_part.sum(0).view(B, H, M, D).to(v.dtype)
     return dq, dk, dv

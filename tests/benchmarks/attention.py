@@ -3,6 +3,7 @@ Benchmark the fused Triton attention kernel against PyTorch's SDPA backends (a s
 
     python tests/benchmarks/attention.py            # needs CUDA; on a CPU it says so and exits 0
     python tests/benchmarks/attention.py --sweep    # also try other block sizes at the standard shape
+    python tests/benchmarks/attention.py --unet-sweep --overhead   # launch configs and CPU cost at the UNet's shapes
 
 Prints, per shape: the largest error against the fp32 reference, and TFLOP/s for
 the forward and the forward+backward of our kernel, SDPA-flash, SDPA-cuDNN and
@@ -119,29 +120,107 @@ def sweep():
     unet._blocks = original
 
 
-def unet_steps(batch=64, size=32, dtype=torch.bfloat16):
-    """Training steps per second of the default UNet with each attention implementation."""
-    for impl in ["triton", "torch"]:
+UNET_SHAPES = [s for s in SHAPES if s[0].startswith(("self", "cross"))]
+
+
+def set_blocks(bn, bm_many, warps, stages):
+    """Replace the dispatch's launch configuration (bm_many: keys per step when there are more than 16)."""
+    import triton
+    unet._blocks = lambda N_, M_, D_: dict(BLOCK_N=bn, BLOCK_M=16 if M_ <= 16 else bm_many,
+                                           BLOCK_D=max(16, triton.next_power_of_2(D_)), num_warps=warps, num_stages=stages)
+
+
+def unet_sweep():
+    """Launch configurations at the UNet's shapes, forward and forward+backward TFLOP/s."""
+    original, programs = unet._blocks, unet.BACKWARD_PROGRAMS
+    configs = [(64, 64, 4, 3, 512), (32, 64, 4, 3, 512), (32, 32, 2, 2, 512), (128, 64, 4, 3, 512),
+               (64, 64, 4, 2, 512), (64, 32, 4, 3, 512), (64, 64, 4, 3, 128), (64, 64, 4, 3, 256),
+               (64, 64, 4, 3, 1024), (32, 64, 4, 3, 1024)]
+    print("\nlaunch configurations at the UNet's shapes (fwd / fwd+bwd TFLOP/s); "
+          f"dispatch now: {original(1024, 8, 32)} and BACKWARD_PROGRAMS {programs}")
+    print(f"{'BLOCK_N, BLOCK_M, warps, stages, programs':42s} | " + " | ".join(f"{n[:22]:>22s}" for n, *_ in UNET_SHAPES))
+    for bn, bm, warps, stages, progs in configs:
+        set_blocks(bn, bm, warps, stages)
+        unet.BACKWARD_PROGRAMS = progs
+        cells = []
+        for name, B, H, N, M, d, dtype in UNET_SHAPES:
+            q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, requires_grad=True) for n in (N, M, M))
+            do = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+            flops = 4 * B * H * N * M * d
+            try:
+                fwd, both = measure(flash_attention, q, k, v, do)
+                cells.append(f"{flops / fwd / 1e9:10.1f} {3.5 * flops / both / 1e9:11.1f}")
+            except Exception as e:  # e.g. out of shared memory
+                cells.append(f"{type(e).__name__[:22]:>22s}")
+        print(f"{str((bn, bm, warps, stages, progs)):42s} | " + " | ".join(cells), flush=True)
+    unet._blocks, unet.BACKWARD_PROGRAMS = original, programs
+
+
+def overhead(calls=200):
+    """Is a forward+backward at the UNet's shapes bound by the GPU or by the CPU that launches it?
+    Prints the GPU time per call (CUDA events) next to the CPU time to issue one call."""
+    import time
+    print("\nforward+backward per call, microseconds: GPU time (do_bench) / CPU time to launch")
+    print(f"{'shape':28s} | " + " | ".join(f"{n:>16s}" for n in IMPLS))
+    for name, B, H, N, M, d, dtype in UNET_SHAPES:
+        q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, requires_grad=True) for n in (N, M, M))
+        do = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
+        cells = []
+        for fn in IMPLS.values():
+            def step():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(do)
+            try:
+                gpu = bench_ms(step) * 1e3
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                cpu = (time.perf_counter() - t0) / calls * 1e6
+                torch.cuda.synchronize()
+                cells.append(f"{gpu:7.0f} {cpu:8.0f}")
+            except RuntimeError:
+                cells.append(f"{'-':>16s}")
+        print(f"{name:28s} | " + " | ".join(cells), flush=True)
+
+
+def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
+    """Training steps per second of the default UNet with each attention implementation: our kernel,
+    the plain reference, and SDPA (PyTorch picks its backend). Median of rounds that alternate them."""
+    import statistics
+    reference = unet.attention_reference
+    sdpa_any = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    steps = {}
+    for impl in ["triton", "torch", "sdpa"]:
         torch.manual_seed(0)
-        net = UNet(UNetConfig(image_size=size, attention_impl=impl)).cuda()
+        net = UNet(UNetConfig(image_size=size, attention_impl="triton" if impl == "triton" else "torch")).cuda()
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         x = torch.randn(batch, 3, size, size, device="cuda")
         t = torch.randint(0, 1000, (batch,), device="cuda")
         ctx = torch.randn(batch, 8, 128, device="cuda")
 
-        def step():
+        def step(net=net, opt=opt, x=x, t=t, ctx=ctx, impl=impl):
+            unet.attention_reference = sdpa_any if impl == "sdpa" else reference
             with torch.autocast("cuda", dtype=dtype):
                 loss = net(x, t, ctx).float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        ms = bench_ms(step)
-        print(f"UNet {size}x{size} batch {batch} bf16 autocast, attention={impl:6s}: {1000 / ms:6.1f} steps/s")
+            unet.attention_reference = reference
+        steps[impl] = step
+    ms = {impl: [] for impl in steps}
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            ms[impl].append(bench_ms(step))
+    print(f"UNet {size}x{size} batch {batch} bf16 autocast, steps/s: " +
+          ", ".join(f"{impl} {1000 / statistics.median(v):.1f}" for impl, v in ms.items()), flush=True)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="try other block sizes at the standard shape")
+    p.add_argument("--unet-sweep", action="store_true", help="try launch configurations at the UNet's shapes")
+    p.add_argument("--overhead", action="store_true", help="GPU time against CPU launch time at the UNet's shapes")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU; on the CPU the UNet uses the PyTorch reference attention")
@@ -150,5 +229,9 @@ if __name__ == "__main__":
     attention_table()
     if args.sweep:
         sweep()
+    if args.unet_sweep:
+        unet_sweep()
+    if args.overhead:
+        overhead()
     unet_steps(size=32)
     unet_steps(size=64)

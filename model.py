@@ -250,12 +250,20 @@ def load_checkpoint(path, device="cpu"):
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = build_model(ckpt)
     model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), ckpt
+    return to_device(model, device).eval(), ckpt
 
 
 def build_model(ckpt):
     """A fresh TaxaDiffusion shaped like the one in the checkpoint (configs are stored as dicts)."""
     return TaxaDiffusion(UNetConfig(**ckpt["unet_config"]), ckpt["vocab_sizes"])
+
+
+def to_device(model, device):
+    """Move a model to `device`. On a CPU its convolution weights also go channels-last (NHWC), the
+    layout oneDNN's convolutions prefer: +8 % training and +18 % sampling speed on 2 cores
+    (tests/benchmarks/speed.py). Not measured on a GPU, so left as it is there."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
 
 
 def save_grid(x, path, ncols, labels=None):

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import (Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, cut_lineage,
-                   guided_eps_fn, save_checkpoint, save_grid, update_ema)
+                   guided_eps_fn, save_checkpoint, save_grid, to_device, update_ema)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data, normalize
 from unet import SIZES, UNetConfig
 
@@ -284,7 +284,7 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
     torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
     unet_config, diffusion_config = network_configs(cfg)
     vocab_sizes = [len(v) for v in taxonomy.vocab]
-    model = TaxaDiffusion(unet_config, vocab_sizes).to(device)
+    model = to_device(TaxaDiffusion(unet_config, vocab_sizes), device)
     # From scratch, the first stage's ranks start random; every finer rank's table starts at zero and
     # stays zero (it is never looked up) until its stage begins: a new taxon starts as its parent.
     for r in range(level + 1, len(RANKS)):

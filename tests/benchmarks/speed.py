@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn  # noqa: E402
+from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn, to_device  # noqa: E402
 from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 
@@ -57,7 +57,7 @@ def toy_ids():
 
 
 class Ours(nn.Module):
-    """Our default network (the `small` UNet and its conditioner), as train.py builds it."""
+    """Our default network (the `small` UNet and its conditioner); build_models moves it as train.py does."""
     name = "ours"
 
     def __init__(self, vocab_sizes):
@@ -113,7 +113,7 @@ def build_models(vocab_sizes, device):
             print(f"{name}: not installed, skipped (pip install diffusers denoising-diffusion-pytorch)")
             continue
         models.append(cls(vocab_sizes))
-    return [m.to(device) for m in models]
+    return [to_device(models[0], device)] + [m.to(device) for m in models[1:]]
 
 
 def n_params(model):

@@ -143,16 +143,25 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return (1 - a).sqrt() * x_t + a.sqrt() * out
 
-    def loss(self, model, x0, ids, generator=None, t=None, eps=None):
+    def loss(self, model, x0, ids, generator=None, t=None, eps=None, weight="eps"):
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 
+        weight="v" divides each example's eps-error by alpha_bar_t, which makes it the v-error
+        ||v - v_theta||^2 (eps = sqrt(1 - a) x_t + sqrt(a) v, so the eps-error is a times the v-error).
+        The eps-loss all but ignores large t, where the image is still undecided and the condition
+        matters most; the v-loss weighs every t about alike.
         t and eps are drawn from `generator` unless given (train.py draws them itself, see there).
         """
         if t is None:
             t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
         if eps is None:
             eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-        return (eps - self.eps(model, self.q_sample(x0, t, eps), t, ids)).pow(2).mean()
+        err = (eps - self.eps(model, self.q_sample(x0, t, eps), t, ids)).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if weight == "v":
+            err = err / self.alpha_bar[t]
+        elif weight != "eps":
+            raise ValueError(f"unknown loss weight '{weight}' (use eps or v)")
+        return err.mean()
 
     @torch.inference_mode()
     def sample(self, eps_fn, shape, steps=50, eta=0.0, generator=None, device="cpu", x_T=None):

@@ -58,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
     p_cut: float = 0.2  # probability of cutting the lineage at a random coarser rank
+    loss_weight: str = "eps"  # eps: Algorithm 1's eps-MSE; v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss)
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: int = 64  # toy images per species (the few-shot knob)
@@ -372,7 +373,7 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
             ids = cut_lineage(ids, depth)
         ids = condition_dropout(cut_lineage(ids, level), cfg.p_uncond, cfg.p_cut, u=u)
         with amp:
-            loss = diffusion.loss(net, x0, ids, t=t, eps=eps)
+            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -487,7 +488,8 @@ def parse_args(argv=None):
             continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
                    "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
-                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank")}.get(f.name)
+                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
+                   "loss_weight": ("eps", "v")}.get(f.name)
         parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
                             help=f"default: {f.default}")
     return TrainConfig(**vars(parser.parse_args(argv)))

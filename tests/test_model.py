@@ -128,6 +128,18 @@ def test_loss_falls_when_overfitting_one_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_v_loss_weight_is_the_v_error():
+    torch.manual_seed(0)
+    model, d = TaxaDiffusion(TINY, VOCAB), Diffusion(DiffusionConfig())
+    x0, eps = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 3, 32, 32)
+    ids, t = torch.tensor([[1, 1, 1, 2, 3, 4, 5]]).repeat(4, 1), torch.tensor([0, 300, 700, 999])
+    a = d.alpha_bar[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # the v target (Salimans & Ho 2022)
+    with torch.no_grad():
+        v_error = (v - model(d.q_sample(x0, t, eps), t, ids)).pow(2).mean()
+        torch.testing.assert_close(d.loss(model, x0, ids, t=t, eps=eps, weight="v"), v_error)
+
+
 def test_guidance_formula_and_negatives():
     ids = torch.tensor([[1, 1, 2, 3, 4, 5, 6]])
     assert negative_lineage(ids, "null", 2).tolist() == [[0] * 7]

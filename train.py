@@ -59,6 +59,7 @@ class TrainConfig:
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
     p_cut: float = 0.2  # probability of cutting the lineage at a random coarser rank
     loss_weight: str = "eps"  # eps: Algorithm 1's eps-MSE; v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss)
+    stage_steps: str = ""  # steps of each stage, comma-separated (e.g. 300,300,600,800,1400); overrides --steps
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: int = 64  # toy images per species (the few-shot knob)
@@ -103,6 +104,9 @@ def schedule_stages(cfg, plan):
     """(level, steps) of each stage to train. progressive trains the plan's stages one after another;
     the other schedules train one stage, at the finest rank, for as many steps as all of them."""
     steps = [cfg.steps or (500 if i < 2 else 1000) for i in range(len(plan))]  # the fine traits take longer
+    if cfg.stage_steps:
+        given = [int(n) for n in cfg.stage_steps.split(",")]
+        steps = [given[min(i, len(given) - 1)] for i in range(len(plan))]  # the last number repeats
     if cfg.schedule == "progressive":
         return list(zip(plan, steps))
     return [(plan[-1], sum(steps))]

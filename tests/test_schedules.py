@@ -27,6 +27,8 @@ def test_every_schedule_trains_as_many_steps():
     for schedule in ["all", "random", "flat"]:
         assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 4000)]
     assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7), plan) == [(6, 35)]
+    stage_steps = train.TrainConfig(stage_steps="300,300,600,800,1400")
+    assert train.schedule_stages(stage_steps, plan) == [(2, 300), (3, 300), (4, 600), (5, 800), (6, 1400)]
 
 
 def test_flat_lineage_keeps_the_leaf_alone():

@@ -49,17 +49,17 @@ from unet import SIZES, UNetConfig
 class TrainConfig:
     level: str = "order"  # train every stage down to this rank
     first_level: str = "class"  # the first stage; coarser ranks (kingdom, phylum) are folded into it
-    steps: int = 0  # optimizer steps per stage; 0 = 500 for the first two stages, 1000 for each finer one
+    steps: int = 0  # if not 0, every stage trains this many optimizer steps (overrides --stage-steps)
     batch_size: int = 32  # images per step, over all processes (torchrun)
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
-    embed_lr_mult: float = 10.0  # learning rate of the rank embedding tables = lr * this
+    embed_lr_mult: float = 30.0  # learning rate of the rank embedding tables = lr * this
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
     p_cut: float = 0.2  # probability of cutting the lineage at a random coarser rank
-    loss_weight: str = "eps"  # eps: Algorithm 1's eps-MSE; v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss)
-    stage_steps: str = ""  # steps of each stage, comma-separated (e.g. 300,300,600,800,1400); overrides --steps
+    loss_weight: str = "v"  # v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss); eps: Algorithm 1's eps-MSE
+    stage_steps: str = "300,300,600,800,1400"  # steps of the 1st, 2nd, ... stage; the last number repeats
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: int = 64  # toy images per species (the few-shot knob)
@@ -103,10 +103,8 @@ SCHEDULES = ("progressive", "all", "random", "flat")
 def schedule_stages(cfg, plan):
     """(level, steps) of each stage to train. progressive trains the plan's stages one after another;
     the other schedules train one stage, at the finest rank, for as many steps as all of them."""
-    steps = [cfg.steps or (500 if i < 2 else 1000) for i in range(len(plan))]  # the fine traits take longer
-    if cfg.stage_steps:
-        given = [int(n) for n in cfg.stage_steps.split(",")]
-        steps = [given[min(i, len(given) - 1)] for i in range(len(plan))]  # the last number repeats
+    given = [int(n) for n in cfg.stage_steps.split(",")]  # the fine traits take longer
+    steps = [cfg.steps or given[min(i, len(given) - 1)] for i in range(len(plan))]
     if cfg.schedule == "progressive":
         return list(zip(plan, steps))
     return [(plan[-1], sum(steps))]
@@ -435,6 +433,9 @@ def main(cfg):
         if cfg.amp and not cfg.device.startswith("cuda"):
             raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
                              "where bf16 is many times slower than fp32; drop --amp")
+        if not all(n.strip().isdigit() and int(n) > 0 for n in cfg.stage_steps.split(",")):
+            raise SystemExit(f"error: --stage-steps '{cfg.stage_steps}' is not a comma-separated list of positive "
+                             "step counts, e.g. 300,300,600,800,1400")
         if cfg.batch_size % world:
             raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
         try:  # bad data ends here, in one line, before any checkpoint is touched

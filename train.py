@@ -81,7 +81,7 @@ class TrainConfig:
     guidance: float = 3.0  # guidance scale of the grids (1 = none)
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
-    grid_steps: int = 25  # DDIM steps of the grids
+    grid_steps: int = 20  # DDIM steps of the grids
     save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
     amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
     compile: bool = False  # torch.compile the network (for GPUs: on our CPUs it made training slower)

@@ -100,7 +100,7 @@ class DiffusionConfig:
 
 
 class Diffusion(nn.Module):
-    """The forward process q(x_t | x_0), the loss of Algorithm 1 and the samplers."""
+    """The forward process q(x_t | x_0), the loss (Algorithm 1's, or the v-error) and the samplers."""
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
@@ -135,7 +135,7 @@ class Diffusion(nn.Module):
         outputs eps itself must copy x_t through the whole UNet very precisely
         there, since sampling divides its error by sqrt(alpha_bar_T) = 0.006 to
         get x_0; a small UNet trained for minutes cannot, and draws coloured
-        noise. Either way the loss is Algorithm 1's, on eps.
+        noise. The loss (Diffusion.loss) compares eps, weighted per t as train.py asks.
         """
         out = model(x_t, t, ids)
         if self.prediction == "eps":

@@ -36,7 +36,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -128,7 +127,7 @@ def train_step_fn(model, diffusion, batch, ids_all, device):
     ids = ids_all[torch.randint(len(ids_all), (batch,), generator=g)].to(device)
 
     def step():
-        loss = diffusion.loss(model, x0, ids)  # the same loss (v-prediction) for every network
+        loss = diffusion.loss(model, x0, ids, weight="v")  # train.py's loss, the same for every network
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

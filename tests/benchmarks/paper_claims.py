@@ -38,13 +38,28 @@ from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 
 SCHEDULES = ("progressive", "all", "random", "flat")
 NEGATIVES = ("null", "parent", "root")
+FREEZES = ("none", "unet", "new-rank")
 
 
-def train_cell(args, schedule, k, seed, folder):
+def cell_name(schedule, freeze, k, seed):
+    """The cell's folder under --out, e.g. progressive-k4-s0, or progressive+unet-k4-s0 for a freezing policy."""
+    return f"{schedule}{'' if freeze == 'none' else '+' + freeze}-k{k}-s{seed}"
+
+
+def grid_cells(args):
+    """(schedule, freeze, k, seed) of every cell, seed by seed: a grid stopped early has whole seeds done."""
+    cells = []
+    for seed, k, schedule in itertools.product(args.seeds, args.k, args.schedules):
+        for freeze in (args.freeze if schedule == "progressive" else ["none"]):
+            cells.append((schedule, freeze, k, seed))
+    return cells
+
+
+def train_cell(args, schedule, freeze, k, seed, folder):
     """Train one model with train.py (a subprocess: the same command a reader would type)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", schedule,
            "--per-species", str(k), "--seed", str(seed), "--out", folder, "--size", args.size,
-           "--steps", str(args.stage_steps), "--freeze", args.freeze, "--device", args.device,
+           "--stage-steps", args.stage_steps, "--freeze", freeze, "--device", args.device,
            "--grid-cols", "4", "--grid-steps", "10"]
     with open(os.path.join(folder, "stdout.txt"), "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -76,22 +91,29 @@ def score_cell(args, folder, real, net, clf, clf_tax):
     return scores
 
 
-def report(args, cells):
-    """A markdown table (mean ± std over seeds) and the figure: species accuracy against k."""
+def label(schedule, freeze):
+    return schedule if freeze == "none" else f"{schedule} ({freeze} frozen)" if freeze == "unet" else \
+        f"{schedule} (only {freeze})"
+
+
+def report(args):
+    """A markdown table (mean ± std over seeds) of every finished cell in --out, and the figure:
+    species accuracy against k."""
     results = {}
-    for schedule, k, seed in cells:
-        path = os.path.join(args.out, f"{schedule}-k{k}-s{seed}", "result.json")
+    for name in sorted(os.listdir(args.out)):
+        path = os.path.join(args.out, name, "result.json")
         if os.path.exists(path):
             with open(path) as f:
-                for neg, s in json.load(f)["scores"].items():
-                    results.setdefault((schedule, k, neg), []).append(s)
+                r = json.load(f)
+            for neg, s in r["scores"].items():
+                results.setdefault((r["schedule"], r.get("freeze", "none"), r["k"], neg), []).append(s)
     if not results:
         print("no finished cells yet")
         return
     cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
     lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    for (schedule, k, neg), runs in sorted(results.items(), key=lambda x: (SCHEDULES.index(x[0][0]), x[0][1],
-                                                                           NEGATIVES.index(x[0][2]))):
+    order = lambda x: (SCHEDULES.index(x[0][0]), FREEZES.index(x[0][1]), x[0][2], NEGATIVES.index(x[0][3]))  # noqa
+    for (schedule, freeze, k, neg), runs in sorted(results.items(), key=order):
         cells_txt = []
         for c in cols:
             v = np.array([r[c] for r in runs if c in r])
@@ -103,45 +125,77 @@ def report(args, cells):
                 cells_txt.append(f"{1e3 * v.mean():.2f} ± {1e3 * v.std():.2f}")
             else:
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
-        lines.append(f"| {schedule} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
+        lines.append(f"| {label(schedule, freeze)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n\naccuracy in %; kid x 1e3; mean ± std over seeds\n")
+        f.write(table + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n")
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for schedule in SCHEDULES:
-        ks = sorted(k for (s, k, neg) in results if s == schedule and neg == "null")
+    for schedule, freeze in sorted({(s, fr) for s, fr, _, _ in results},
+                                   key=lambda x: (SCHEDULES.index(x[0]), FREEZES.index(x[1]))):
+        ks = sorted(k for (s, fr, k, neg) in results if (s, fr) == (schedule, freeze) and neg == "null")
         if ks:
-            acc = [np.array([r["species"] for r in results[schedule, k, "null"]]) * 100 for k in ks]
+            acc = [np.array([r["species"] for r in results[schedule, freeze, k, "null"]]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
-                        label=schedule)
+                        label=label(schedule, freeze))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training images per species (k)")
     ax.set_ylabel("species accuracy (%), CFG")
     ax.axhline(100 / 48, color="grey", lw=0.5)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.figure, dpi=120)
     print(f"-> {os.path.join(args.out, 'table.md')}, {args.figure}")
 
 
+def run_cells(args, cells, real, net, clf, clf_tax):
+    """Train and score every cell that has no result.json and that no other worker has claimed."""
+    for i, (schedule, freeze, k, seed) in enumerate(cells):
+        folder = os.path.join(args.out, cell_name(schedule, freeze, k, seed))
+        result = os.path.join(folder, "result.json")
+        os.makedirs(folder, exist_ok=True)
+        try:  # claim the cell: creating the file fails if another worker did it first
+            os.close(os.open(os.path.join(folder, "claimed"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        if os.path.exists(result):
+            continue
+        t0 = time.time()
+        print(f"[{i + 1}/{len(cells)}] {cell_name(schedule, freeze, k, seed)}: training", flush=True)
+        train_cell(args, schedule, freeze, k, seed, folder)
+        t1 = time.time()
+        scores = score_cell(args, folder, real, net, clf, clf_tax)
+        print(f"    {cell_name(schedule, freeze, k, seed)}: {t1 - t0:.0f} s training, {time.time() - t1:.0f} s "
+              "scoring: " + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
+        with open(result + ".tmp", "w") as f:
+            json.dump({"schedule": schedule, "freeze": freeze, "k": k, "seed": seed, "scores": scores,
+                       "args": vars(args), "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
+        os.replace(result + ".tmp", result)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--freeze", nargs="+", default=["none"], choices=FREEZES,
+                   help="freezing policies of the progressive cells (train.py --freeze); one cell each")
     p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="training images per species")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", default="small", help="UNet size (unet.SIZES)")
-    p.add_argument("--stage-steps", type=int, default=300, help="steps per progressive stage (x5 for one-stage runs)")
-    p.add_argument("--freeze", default="none", choices=["none", "unet", "new-rank"])
+    p.add_argument("--size", default="tiny", help="UNet size (unet.SIZES)")
+    p.add_argument("--stage-steps", default="100,100,200,250,350",
+                   help="train.py --stage-steps; the one-stage schedules train the sum (default: 1000 steps, the "
+                        "shape of train.py's default at 0.3x the length)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--n-per-species", type=int, default=4, help="generated images per species and negative")
-    p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed-sampling", type=int, default=0)
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID (no Inception weights, or to save time)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="cells trained at once, each on cpu_count / N threads (2 on 2 cores: 1.2x the throughput)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel for its children
     p.add_argument("--quick", action="store_true", help="k = 4, one seed, 20 steps per stage: a pipeline check")
     p.add_argument("--report", action="store_true", help="only write the table and figure")
     p.add_argument("--out", default=os.path.join("out", "claims"))
@@ -149,40 +203,37 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.quick:
-        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], 20, 1, 5
+        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], "20", 1, 5
         args.out = os.path.join(args.out, "quick")
     args.figure = args.figure or os.path.join(args.out, "species_vs_k.png")
     os.makedirs(args.out, exist_ok=True)
-    cells = list(itertools.product(args.schedules, args.k, args.seeds))
     if args.report:
-        return report(args, cells)
+        return report(args)
+    cells = grid_cells(args)
 
     # what the generated images are compared with: real toy images from a seed no model trained on
-    real_images, _ = toy_dataset(args.n_per_species, 32, fid.REAL_SEED)
-    net = None if args.no_fid else fid.load_inception(device=args.device)
     clf, clf_tax = fid.load_classifier(32, os.path.join(args.out, "taxon_classifier.pt"))
-    real = {"clf": fid.classify(clf, real_images)[0],
-            "inception": fid.inception_features(net, real_images, "torchmetrics", 50, args.device) if net else None}
+    net = None if args.no_fid else fid.load_inception(device=args.device)
     t_grid = time.time()
-    for i, (schedule, k, seed) in enumerate(cells):
-        folder = os.path.join(args.out, f"{schedule}-k{k}-s{seed}")
-        result = os.path.join(folder, "result.json")
-        if os.path.exists(result):
-            continue
-        os.makedirs(folder, exist_ok=True)
-        t0 = time.time()
-        print(f"[{i + 1}/{len(cells)}] {schedule}, k={k}, seed {seed}: training", flush=True)
-        train_cell(args, schedule, k, seed, folder)
-        t1 = time.time()
-        scores = score_cell(args, folder, real, net, clf, clf_tax)
-        print(f"    {t1 - t0:.0f} s training, {time.time() - t1:.0f} s scoring: "
-              + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
-        with open(result + ".tmp", "w") as f:
-            json.dump({"schedule": schedule, "k": k, "seed": seed, "scores": scores, "args": vars(args),
-                       "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
-        os.replace(result + ".tmp", result)
+    if not args.worker:
+        for schedule, freeze, k, seed in cells:  # claims left by a run that was killed
+            claim = os.path.join(args.out, cell_name(schedule, freeze, k, seed), "claimed")
+            if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):
+                os.remove(claim)
+    if args.parallel > 1 and not args.worker:  # N copies of this script share the cells; each uses 1/N of the cores
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel))}
+        workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"], env=env)
+                   for _ in range(args.parallel)]
+        if any(w.wait() for w in workers):
+            raise SystemExit("a worker failed: see the stdout.txt of the unfinished cell under " + args.out)
+    else:
+        real_images, _ = toy_dataset(args.n_per_species, 32, fid.REAL_SEED)
+        real = {"clf": fid.classify(clf, real_images)[0],
+                "inception": fid.inception_features(net, real_images, "torchmetrics", 50, args.device) if net else None}
+        run_cells(args, cells, real, net, clf, clf_tax)
     print(f"grid: {time.time() - t_grid:.0f} s this run")
-    report(args, cells)
+    if not args.worker:
+        report(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """
 Does progressive training help? The paper's three claims, tested on the toy tree.
 
-    python tests/benchmarks/paper_claims.py             # the whole grid; resumes: finished cells are kept
+    python tests/benchmarks/paper_claims.py --parallel 2 --no-fid   # the grid: ~2.5 h on 2 CPU cores; resumes
+    python tests/benchmarks/paper_claims.py --schedules progressive --freeze unet new-rank --k 4   # freezing policies
     python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
     python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far
 
@@ -13,10 +14,14 @@ The grid is schedule x images per species k x seed:
 - seeds {0, 1, 2}: a cell is a mean ± std over seeds, never one lucky seed.
 Each trained model is then sampled with each guidance negative (null = vanilla
 CFG, parent, root = the paper's TaxaGuide), and fid.py scores the images:
-per-rank accuracy of the taxon classifier, its Frechet distance, FID and KID.
+per-rank accuracy of the taxon classifier, its Frechet distance, and FID and KID
+(unless --no-fid: Inception costs ~45 s per negative on one CPU thread).
 
-Every cell trains with train.py in its own folder (out/claims/<schedule>-k<k>-s<seed>/)
-and writes result.json there when it is done, so a killed grid loses one cell at most.
+Every cell trains with train.py in its own folder (out/claims/progressive-k4-s0/,
+progressive+unet-k4-s0/ for a freezing policy, ...) and writes result.json there
+when it is done, so a killed grid loses its unfinished cells only. Cells run
+seed by seed, so a grid stopped early has whole seeds. With --parallel N, N
+copies of this script claim cells one at a time, each on 1/N of the cores.
 """
 import argparse
 import itertools

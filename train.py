@@ -75,6 +75,8 @@ class TrainConfig:
     #   steps: all (every rank from step 0), random (each example cut at a random rank), flat (species ids only)
     freeze: str = "none"  # progressive stages after the first train: none = everything, unet = only the conditioner,
     #   cross-attention and the pooled token, new-rank = only the new rank's table (as the official code)
+    new_rank_init: str = "zero"  # a progressive stage's new rank table: zero (each new taxon starts as its parent)
+    #   or random (N(0, 1), as the tables of a one-stage schedule start)
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "out"  # checkpoints, grids and the log go here
@@ -324,6 +326,10 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
         # starts exactly as its parent, and learns what differs.
         model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
         ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
+        if cfg.new_rank_init == "random":  # the ablation: new taxa start apart, like a table trained from scratch
+            for r in range(stages[stages.index(level) - 1] + 1, level + 1):
+                torch.nn.init.normal_(model.conditioner.embed[r].weight)  # N(0, 1), nn.Embedding's own init
+                ema.conditioner.embed[r].weight.copy_(model.conditioner.embed[r].weight)
 
     if prev_path:  # --freeze: what a later stage may change (AdamW skips what gets no gradient)
         prev_level = stages[stages.index(level) - 1]
@@ -493,7 +499,7 @@ def parse_args(argv=None):
             continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
                    "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
-                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
+                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"), "new_rank_init": ("zero", "random"),
                    "loss_weight": ("eps", "v")}.get(f.name)
         parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
                             help=f"default: {f.default}")

@@ -8,33 +8,40 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ben
 import paper_claims  # noqa: E402
 
 
-def test_cells_run_seed_by_seed_and_freezing_policies_only_for_progressive():
-    args = SimpleNamespace(seeds=[0, 1], k=[4, 16], schedules=["progressive", "flat"], freeze=["none", "unet"])
+def test_cells_run_seed_by_seed_and_variants_only_for_progressive():
+    args = SimpleNamespace(seeds=[0, 1], k=[4, 16], schedules=["progressive", "flat"], freeze=["none", "unet"],
+                           new_rank_init=["zero"])
     cells = paper_claims.grid_cells(args)
-    assert cells[:6] == [("progressive", "none", 4, 0), ("progressive", "unet", 4, 0), ("flat", "none", 4, 0),
-                         ("progressive", "none", 16, 0), ("progressive", "unet", 16, 0), ("flat", "none", 16, 0)]
-    assert len(cells) == 12 and all(c[3] == 1 for c in cells[6:])
+    assert cells[:6] == [("progressive", "none", "zero", 4, 0), ("progressive", "unet", "zero", 4, 0),
+                         ("flat", "none", "zero", 4, 0), ("progressive", "none", "zero", 16, 0),
+                         ("progressive", "unet", "zero", 16, 0), ("flat", "none", "zero", 16, 0)]
+    assert len(cells) == 12 and all(c[4] == 1 for c in cells[6:])
     assert [paper_claims.cell_name(*c) for c in cells[:3]] == ["progressive-k4-s0", "progressive+unet-k4-s0",
                                                                 "flat-k4-s0"]
+    args.freeze, args.new_rank_init = ["none"], ["zero", "random"]
+    assert [paper_claims.cell_name(*c) for c in paper_claims.grid_cells(args)[:2]] == [
+        "progressive-k4-s0", "progressive+random-init-k4-s0"]
 
 
 def test_report_averages_over_seeds(tmp_path):
-    def cell(schedule, freeze, k, seed, species, negatives=("null", "parent", "root")):
-        folder = tmp_path / paper_claims.cell_name(schedule, freeze, k, seed)
+    def cell(schedule, freeze, k, seed, species, negatives=("null", "parent", "root"), init="zero"):
+        folder = tmp_path / paper_claims.cell_name(schedule, freeze, init, k, seed)
         folder.mkdir()
         scores = {n: {"species": species, "genus": 0.5, "family": 1.0, "classifier_fd": 10.0 * (seed + 1)}
                   for n in negatives}
-        (folder / "result.json").write_text(json.dumps({"schedule": schedule, "freeze": freeze, "k": k,
-                                                        "seed": seed, "scores": scores}))
+        (folder / "result.json").write_text(json.dumps({"schedule": schedule, "freeze": freeze, "init": init,
+                                                        "k": k, "seed": seed, "scores": scores}))
 
     cell("progressive", "none", 4, 0, 0.2)
     cell("progressive", "none", 4, 1, 0.4)
     cell("progressive", "unet", 4, 0, 0.1)
+    cell("progressive", "none", 4, 0, 0.6, init="random")
     cell("flat", "none", 4, 0, 0.3, negatives=("null",))
     (tmp_path / "flat-k4-s1").mkdir()  # an unfinished cell: no result.json, not counted
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
     rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert rows[0] == "| progressive | 4 | null | 2 | 30.0 ± 10.0 | 50.0 ± 0.0 | 100.0 ± 0.0 | 15.0 ± 5.0 | - | - |"
-    assert rows[3].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
-    assert rows[-1].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |") and len(rows) == 7
+    assert rows[3].startswith("| progressive (random init) | 4 | null | 1 | 60.0 ± 0.0 |")
+    assert rows[6].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
+    assert rows[-1].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |") and len(rows) == 10
     assert (tmp_path / "fig.png").stat().st_size > 1000

@@ -83,3 +83,17 @@ def test_flat_models_are_scored_at_every_rank():
     target = fid.toy_targets(toy, flat, ids)[0]
     expected = ["Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]
     assert [toy.vocab[r][j] for r, j in zip(range(2, 7), target.tolist())] == expected
+
+
+@pytest.mark.parametrize("init", ["zero", "random"])
+def test_new_rank_init(tmp_path, init):
+    # learning rate ~0: the order table after its stage is what it started as
+    train.main(train.parse_args(["--level", "order", "--new-rank-init", init, "--lr", "1e-12", "--embed-lr-mult", "1",
+                                 "--out", str(tmp_path), *TINY]))
+    ckpt = torch.load(tmp_path / "order.pt", weights_only=True)
+    for weights in ckpt["model"], ckpt["ema"]:
+        order = weights["conditioner.embed.3.weight"][1:]  # (orders, D); row 0 is "unknown", never looked up
+        if init == "zero":
+            assert order.abs().max() < 1e-6
+        else:
+            assert 0.8 < order.std() < 1.2 and order.abs().max() > 1.5

@@ -44,27 +44,33 @@ from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 SCHEDULES = ("progressive", "all", "random", "flat")
 NEGATIVES = ("null", "parent", "root")
 FREEZES = ("none", "unet", "new-rank")
+INITS = ("zero", "random")
 
 
-def cell_name(schedule, freeze, k, seed):
-    """The cell's folder under --out, e.g. progressive-k4-s0, or progressive+unet-k4-s0 for a freezing policy."""
-    return f"{schedule}{'' if freeze == 'none' else '+' + freeze}-k{k}-s{seed}"
+def cell_name(schedule, freeze, init, k, seed):
+    """The cell's folder under --out: progressive-k4-s0, progressive+unet-k4-s0 (a freezing policy),
+    progressive+random-init-k4-s0 (new rank tables start random)."""
+    variant = ("" if freeze == "none" else "+" + freeze) + ("" if init == "zero" else f"+{init}-init")
+    return f"{schedule}{variant}-k{k}-s{seed}"
 
 
 def grid_cells(args):
-    """(schedule, freeze, k, seed) of every cell, seed by seed: a grid stopped early has whole seeds done."""
+    """(schedule, freeze, init, k, seed) of every cell, seed by seed: a grid stopped early has whole seeds.
+    The freezing policies and new-rank inits are variants of the progressive schedule only."""
     cells = []
     for seed, k, schedule in itertools.product(args.seeds, args.k, args.schedules):
-        for freeze in (args.freeze if schedule == "progressive" else ["none"]):
-            cells.append((schedule, freeze, k, seed))
+        if schedule == "progressive":
+            cells += [(schedule, freeze, init, k, seed) for freeze in args.freeze for init in args.new_rank_init]
+        else:
+            cells.append((schedule, "none", "zero", k, seed))
     return cells
 
 
-def train_cell(args, schedule, freeze, k, seed, folder):
+def train_cell(args, schedule, freeze, init, k, seed, folder):
     """Train one model with train.py (a subprocess: the same command a reader would type)."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", schedule,
            "--per-species", str(k), "--seed", str(seed), "--out", folder, "--size", args.size,
-           "--stage-steps", args.stage_steps, "--freeze", freeze, "--device", args.device,
+           "--stage-steps", args.stage_steps, "--freeze", freeze, "--new-rank-init", init, "--device", args.device,
            "--grid-cols", "4", "--grid-steps", "10"]
     with open(os.path.join(folder, "stdout.txt"), "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -96,9 +102,11 @@ def score_cell(args, folder, real, net, clf, clf_tax):
     return scores
 
 
-def label(schedule, freeze):
-    return schedule if freeze == "none" else f"{schedule} ({freeze} frozen)" if freeze == "unet" else \
-        f"{schedule} (only {freeze})"
+def label(schedule, freeze, init):
+    """How a cell's schedule reads in the table: progressive (unet frozen), progressive (random init), ..."""
+    notes = {"none": [], "unet": ["unet frozen"], "new-rank": ["only new-rank"]}[freeze]
+    notes += [] if init == "zero" else [f"{init} init"]
+    return f"{schedule} ({', '.join(notes)})" if notes else schedule
 
 
 def report(args):
@@ -111,14 +119,18 @@ def report(args):
             with open(path) as f:
                 r = json.load(f)
             for neg, s in r["scores"].items():
-                results.setdefault((r["schedule"], r.get("freeze", "none"), r["k"], neg), []).append(s)
+                key = (r["schedule"], r.get("freeze", "none"), r.get("init", "zero"), r["k"], neg)
+                results.setdefault(key, []).append(s)
     if not results:
         print("no finished cells yet")
         return
     cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
     lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    order = lambda x: (SCHEDULES.index(x[0][0]), FREEZES.index(x[0][1]), x[0][2], NEGATIVES.index(x[0][3]))  # noqa
-    for (schedule, freeze, k, neg), runs in sorted(results.items(), key=order):
+    def order(key):  # schedule, variant, k, negative
+        schedule, freeze, init, k, neg = key
+        return SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), k, NEGATIVES.index(neg)
+
+    for (schedule, freeze, init, k, neg), runs in sorted(results.items(), key=lambda item: order(item[0])):
         cells_txt = []
         for c in cols:
             v = np.array([r[c] for r in runs if c in r])
@@ -130,7 +142,7 @@ def report(args):
                 cells_txt.append(f"{1e3 * v.mean():.2f} ± {1e3 * v.std():.2f}")
             else:
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
-        lines.append(f"| {label(schedule, freeze)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
+        lines.append(f"| {label(schedule, freeze, init)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -140,13 +152,12 @@ def report(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for schedule, freeze in sorted({(s, fr) for s, fr, _, _ in results},
-                                   key=lambda x: (SCHEDULES.index(x[0]), FREEZES.index(x[1]))):
-        ks = sorted(k for (s, fr, k, neg) in results if (s, fr) == (schedule, freeze) and neg == "null")
+    for variant in sorted({key[:3] for key in results}, key=lambda v: order((*v, 0, "null"))):
+        ks = sorted(key[3] for key in results if key[:3] == variant and key[4] == "null")
         if ks:
-            acc = [np.array([r["species"] for r in results[schedule, freeze, k, "null"]]) * 100 for k in ks]
+            acc = [np.array([r["species"] for r in results[(*variant, k, "null")]]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
-                        label=label(schedule, freeze))
+                        label=label(*variant))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training images per species (k)")
     ax.set_ylabel("species accuracy (%), CFG")
@@ -159,8 +170,9 @@ def report(args):
 
 def run_cells(args, cells, real, net, clf, clf_tax):
     """Train and score every cell that has no result.json and that no other worker has claimed."""
-    for i, (schedule, freeze, k, seed) in enumerate(cells):
-        folder = os.path.join(args.out, cell_name(schedule, freeze, k, seed))
+    for i, cell in enumerate(cells):
+        name = cell_name(*cell)
+        folder = os.path.join(args.out, name)
         result = os.path.join(folder, "result.json")
         os.makedirs(folder, exist_ok=True)
         try:  # claim the cell: creating the file fails if another worker did it first
@@ -170,14 +182,14 @@ def run_cells(args, cells, real, net, clf, clf_tax):
         if os.path.exists(result):
             continue
         t0 = time.time()
-        print(f"[{i + 1}/{len(cells)}] {cell_name(schedule, freeze, k, seed)}: training", flush=True)
-        train_cell(args, schedule, freeze, k, seed, folder)
+        print(f"[{i + 1}/{len(cells)}] {name}: training", flush=True)
+        train_cell(args, *cell, folder)
         t1 = time.time()
         scores = score_cell(args, folder, real, net, clf, clf_tax)
-        print(f"    {cell_name(schedule, freeze, k, seed)}: {t1 - t0:.0f} s training, {time.time() - t1:.0f} s "
+        print(f"    {name}: {t1 - t0:.0f} s training, {time.time() - t1:.0f} s "
               "scoring: " + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
         with open(result + ".tmp", "w") as f:
-            json.dump({"schedule": schedule, "freeze": freeze, "k": k, "seed": seed, "scores": scores,
+            json.dump({**dict(zip(["schedule", "freeze", "init", "k", "seed"], cell)), "scores": scores,
                        "args": vars(args), "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
         os.replace(result + ".tmp", result)
 
@@ -187,6 +199,8 @@ def main():
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     p.add_argument("--freeze", nargs="+", default=["none"], choices=FREEZES,
                    help="freezing policies of the progressive cells (train.py --freeze); one cell each")
+    p.add_argument("--new-rank-init", nargs="+", default=["zero"], choices=INITS,
+                   help="how the progressive cells' new rank tables start (train.py --new-rank-init); one cell each")
     p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="training images per species")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", default="tiny", help="UNet size (unet.SIZES)")
@@ -221,8 +235,8 @@ def main():
     net = None if args.no_fid else fid.load_inception(device=args.device)
     t_grid = time.time()
     if not args.worker:
-        for schedule, freeze, k, seed in cells:  # claims left by a run that was killed
-            claim = os.path.join(args.out, cell_name(schedule, freeze, k, seed), "claimed")
+        for cell in cells:  # claims left by a run that was killed
+            claim = os.path.join(args.out, cell_name(*cell), "claimed")
             if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):
                 os.remove(claim)
     if args.parallel > 1 and not args.worker:  # N copies of this script share the cells; each uses 1/N of the cores

@@ -39,9 +39,12 @@ def test_report_averages_over_seeds(tmp_path):
     cell("flat", "none", 4, 0, 0.3, negatives=("null",))
     (tmp_path / "flat-k4-s1").mkdir()  # an unfinished cell: no result.json, not counted
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
-    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| ")][1:]
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ")][1:]
     assert rows[0] == "| progressive | 4 | null | 2 | 30.0 ± 10.0 | 50.0 ± 0.0 | 100.0 ± 0.0 | 15.0 ± 5.0 | - | - |"
     assert rows[3].startswith("| progressive (random init) | 4 | null | 1 | 60.0 ± 0.0 |")
     assert rows[6].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
-    assert rows[-1].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |") and len(rows) == 10
+    assert rows[9].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |")
+    # the claims, paired by seed: only seed 0 has both a progressive and a flat run
+    assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
     assert (tmp_path / "fig.png").stat().st_size > 1000

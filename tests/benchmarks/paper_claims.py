@@ -120,7 +120,7 @@ def report(args):
                 r = json.load(f)
             for neg, s in r["scores"].items():
                 key = (r["schedule"], r.get("freeze", "none"), r.get("init", "zero"), r["k"], neg)
-                results.setdefault(key, []).append(s)
+                results.setdefault(key, {})[r["seed"]] = s
     if not results:
         print("no finished cells yet")
         return
@@ -130,7 +130,8 @@ def report(args):
         schedule, freeze, init, k, neg = key
         return SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), k, NEGATIVES.index(neg)
 
-    for (schedule, freeze, init, k, neg), runs in sorted(results.items(), key=lambda item: order(item[0])):
+    for (schedule, freeze, init, k, neg), by_seed in sorted(results.items(), key=lambda item: order(item[0])):
+        runs = list(by_seed.values())
         cells_txt = []
         for c in cols:
             v = np.array([r[c] for r in runs if c in r])
@@ -143,10 +144,10 @@ def report(args):
             else:
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
         lines.append(f"| {label(schedule, freeze, init)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" + claims(results)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n")
+        f.write(table)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -155,7 +156,7 @@ def report(args):
     for variant in sorted({key[:3] for key in results}, key=lambda v: order((*v, 0, "null"))):
         ks = sorted(key[3] for key in results if key[:3] == variant and key[4] == "null")
         if ks:
-            acc = [np.array([r["species"] for r in results[(*variant, k, "null")]]) * 100 for k in ks]
+            acc = [np.array([r["species"] for r in results[(*variant, k, "null")].values()]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
                         label=label(*variant))
     ax.set_xscale("log", base=2)
@@ -166,6 +167,26 @@ def report(args):
     fig.tight_layout()
     fig.savefig(args.figure, dpi=120)
     print(f"-> {os.path.join(args.out, 'table.md')}, {args.figure}")
+
+
+def claims(results):
+    """The claims as paired differences of species accuracy (points): two cells with the same seed trained on
+    the same images, so their difference cancels what the seed's images make easy or hard."""
+    def diffs(pairs):
+        d = [100 * (results[a][seed]["species"] - results[b][seed]["species"])
+             for a, b in pairs if a in results and b in results for seed in results[a] if seed in results[b]]
+        return f"{np.mean(d):+.1f} ± {np.std(d):.1f} ({len(d)})" if d else "-"
+
+    base = lambda schedule, k, neg="null": (schedule, "none", "zero", k, neg)  # noqa: E731
+    head = ["progressive - all", "progressive - random", "progressive - flat", "root - null", "parent - null"]
+    lines = ["| k | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
+    for k in sorted({key[3] for key in results}):
+        cols = [diffs([(base("progressive", k), base(other, k))]) for other in ("all", "random", "flat")]
+        for neg in ("root", "parent"):  # TaxaGuide against CFG, over every schedule that has a hierarchy
+            cols.append(diffs([(base(s, k, neg), base(s, k)) for s in ("progressive", "all", "random")]))
+        lines.append(f"| {k} | " + " | ".join(cols) + " |")
+    return ("species accuracy differences in points, mean ± std over paired runs (how many); "
+            "the guidance columns pool progressive, all and random\n\n" + "\n".join(lines) + "\n")
 
 
 def run_cells(args, cells, real, net, clf, clf_tax):

@@ -45,6 +45,7 @@ def test_report_averages_over_seeds(tmp_path):
     assert rows[3].startswith("| progressive (random init) | 4 | null | 1 | 60.0 ± 0.0 |")
     assert rows[6].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
     assert rows[9].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |")
+    assert "| progressive (random init) | 60.0 ± 0.0 |" in lines and "| progressive | 30.0 ± 10.0 |" in lines
     # the claims, paired by seed: only seed 0 has both a progressive and a flat run
     assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
     assert (tmp_path / "fig.png").stat().st_size > 1000

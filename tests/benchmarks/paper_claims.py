@@ -102,6 +102,12 @@ def score_cell(args, folder, real, net, clf, clf_tax):
     return scores
 
 
+def order(key):
+    """Sort key of (schedule, freeze, init, k, negative): the paper's schedule first, CFG first."""
+    schedule, freeze, init, k, neg = key
+    return SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), k, NEGATIVES.index(neg)
+
+
 def label(schedule, freeze, init):
     """How a cell's schedule reads in the table: progressive (unet frozen), progressive (random init), ..."""
     notes = {"none": [], "unet": ["unet frozen"], "new-rank": ["only new-rank"]}[freeze]
@@ -126,10 +132,6 @@ def report(args):
         return
     cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
     lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    def order(key):  # schedule, variant, k, negative
-        schedule, freeze, init, k, neg = key
-        return SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), k, NEGATIVES.index(neg)
-
     for (schedule, freeze, init, k, neg), by_seed in sorted(results.items(), key=lambda item: order(item[0])):
         runs = list(by_seed.values())
         cells_txt = []
@@ -144,7 +146,8 @@ def report(args):
             else:
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
         lines.append(f"| {label(schedule, freeze, init)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
-    table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" + claims(results)
+    table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" \
+        + "species accuracy (%), CFG\n\n" + species_table(results) + "\n" + claims(results)
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
@@ -167,6 +170,19 @@ def report(args):
     fig.tight_layout()
     fig.savefig(args.figure, dpi=120)
     print(f"-> {os.path.join(args.out, 'table.md')}, {args.figure}")
+
+
+def species_table(results):
+    """Species accuracy (%) with CFG, one row per schedule and variant, one column per k: the README's table."""
+    ks = sorted({key[3] for key in results})
+    lines = ["| schedule | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---" * (1 + len(ks)) + "|"]
+    for variant in sorted({key[:3] for key in results}, key=lambda v: order((*v, 0, "null"))):
+        cols = []
+        for k in ks:
+            v = np.array([r["species"] for r in results.get((*variant, k, "null"), {}).values()]) * 100
+            cols.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "-")
+        lines.append(f"| {label(*variant)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def claims(results):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn as nn
 
@@ -34,9 +35,28 @@ def test_default_size_fits_a_cpu():
 
 def test_attention_matches_softmax_definition():
     q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # the definition, one (batch, head) at a time, in float64: softmax over the keys of q k^T / sqrt(d), times v
+    expected = torch.stack([torch.stack([torch.softmax(q[b, h].double() @ k[b, h].double().T / 8 ** 0.5, -1)
+                                         @ v[b, h].double() for h in range(3)]) for b in range(2)]).float()
     torch.testing.assert_close(attention_reference(q, k, v), expected)
-    torch.testing.assert_close(attention(q, k, v), expected)
+    for impl in ("auto", "sdpa", "torch"):  # on a CPU "auto" is SDPA
+        torch.testing.assert_close(attention(q, k, v, impl), expected)
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        attention(q, k, v, "flash")
+
+
+def test_unet_with_sdpa_matches_the_reference():
+    """The fast path (PyTorch's fused attention) and the plain einsum one give the same UNet, forward and backward."""
+    nets = {impl: randomize(UNet(UNetConfig(**{**SIZES["tiny"], "attention_impl": impl}))) for impl in ("sdpa", "torch")}
+    x, t, ctx = torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.randn(2, 8, TINY.context_dim)
+    outs, grads = {}, {}
+    for impl, net in nets.items():
+        outs[impl] = net(x, t, ctx)
+        outs[impl].square().mean().backward()
+        grads[impl] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert outs["torch"].abs().max() > 0.1  # random weights: attention changes the output
+    torch.testing.assert_close(outs["sdpa"], outs["torch"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["sdpa"], grads["torch"], rtol=1e-4, atol=1e-5)
 
 
 def test_changing_the_lineage_changes_the_output():

@@ -52,7 +52,7 @@ def train_rate(dataset, args):
     model = TaxaDiffusion(UNetConfig(in_channels=3, image_size=args.size, **SIZES[args.model]), taxonomy_sizes)
     model = model.to(args.device)
     diffusion = Diffusion(DiffusionConfig()).to(args.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x, ids = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)))
     x, ids = x.to(args.device), ids.to(args.device)
     for step in range(args.train_steps + 1):

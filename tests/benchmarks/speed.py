@@ -121,7 +121,7 @@ def n_params(model):
 
 def train_step_fn(model, diffusion, batch, ids_all, device):
     """One optimizer step on a fixed random batch: noising, forward, loss, backward, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # train.py's optimizer, for every network
     g = torch.Generator(device="cpu").manual_seed(0)
     x0 = (torch.rand(batch, 3, SIZE, SIZE, generator=g) * 2 - 1).to(device)
     ids = ids_all[torch.randint(len(ids_all), (batch,), generator=g)].to(device)

@@ -49,3 +49,16 @@ def test_report_averages_over_seeds(tmp_path):
     # the claims, paired by seed: only seed 0 has both a progressive and a flat run
     assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
     assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_guidance_table_from_the_sweep(tmp_path):
+    for seed, acc in ((0, {"1": 0.2, "3": 0.5}), (1, {"1": 0.4, "3": 0.7, "5": 0.8})):
+        folder = tmp_path / paper_claims.cell_name("progressive", "none", "zero", 4, seed)
+        folder.mkdir()
+        (folder / "result.json").write_text(json.dumps({"schedule": "progressive", "k": 4, "seed": seed}))
+        (folder / "guidance.json").write_text(json.dumps({s: {"species": a} for s, a in acc.items()}))
+    (tmp_path / "flat-k4-s0").mkdir()  # a cell without a sweep: not in the table
+    lines = paper_claims.guidance_table(str(tmp_path)).splitlines()
+    assert "| schedule | k | scale 1 | scale 3 | scale 5 |" in lines
+    assert "| progressive | 4 | 30.0 ± 10.0 (2) | 60.0 ± 10.0 (2) | 80.0 ± 0.0 (1) |" in lines
+    assert paper_claims.guidance_table(str(tmp_path / "flat-k4-s0")) == ""

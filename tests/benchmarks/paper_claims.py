@@ -5,6 +5,7 @@ Does progressive training help? The paper's three claims, tested on the toy tree
     python tests/benchmarks/paper_claims.py --schedules progressive --freeze unet new-rank --k 4   # freezing policies
     python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
     python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far
+    python tests/benchmarks/paper_claims.py --schedules progressive --no-fid --guidance-sweep 1 2 3 5   # no training
 
 The grid is schedule x images per species k x seed:
 - schedule: progressive (coarse to fine, the paper), all (every rank from step 0),
@@ -76,8 +77,10 @@ def train_cell(args, schedule, freeze, init, k, seed, folder):
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
-def score_cell(args, folder, real, net, clf, clf_tax):
-    """Sample every species n times per guidance negative; the scores of each as plain numbers."""
+def score_cell(args, folder, real, net, clf, clf_tax, guidance=None, negatives=None):
+    """Sample every species n times per guidance negative; the scores of each as plain numbers.
+    guidance: the scale (default --guidance); negatives: which ones (default all the model knows)."""
+    guidance = args.guidance if guidance is None else guidance
     model, ckpt = load_checkpoint(os.path.join(folder, "species.pt"), args.device)
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     taxonomy = Taxonomy(ckpt["lineages"])
@@ -86,10 +89,10 @@ def score_cell(args, folder, real, net, clf, clf_tax):
     ids = ids.repeat_interleave(args.n_per_species, 0)  # (48 n, R)
     target = fid.toy_targets(clf_tax, taxonomy, ids)
     # a flat model knows no parent or root: all three negatives are the null lineage, so score it once
-    negatives = ["null"] if ckpt["train_config"]["schedule"] == "flat" else NEGATIVES
+    negatives = negatives or (["null"] if ckpt["train_config"]["schedule"] == "flat" else NEGATIVES)
     scores = {}
     for neg in negatives:
-        images = fid.generate(model, diffusion, ids, args.guidance, neg, root_level, args.sample_steps, 64,
+        images = fid.generate(model, diffusion, ids, guidance, neg, root_level, args.sample_steps, 64,
                               args.seed_sampling, args.device)
         cf, pred = fid.classify(clf, images)
         feats = fid.inception_features(net, images, "torchmetrics", 50, args.device) if net else None
@@ -100,6 +103,54 @@ def score_cell(args, folder, real, net, clf, clf_tax):
             scores[neg]["fid"] = fid.frechet_distance(*fid.statistics(feats), *fid.statistics(real["inception"]))
             scores[neg]["kid"] = fid.kernel_inception_distance(feats, real["inception"])[0]
     return scores
+
+
+def sweep_guidance(args, real, clf, clf_tax):
+    """Score the finished cells of the selected grid again at every scale of --guidance-sweep (CFG, the null
+    negative), without training: <cell>/guidance.json maps each scale to its scores, written after each."""
+    for cell in grid_cells(args):
+        folder = os.path.join(args.out, cell_name(*cell))
+        if not os.path.exists(os.path.join(folder, "result.json")):
+            continue
+        path = os.path.join(folder, "guidance.json")
+        done = json.load(open(path)) if os.path.exists(path) else {}
+        with open(os.path.join(folder, "result.json")) as f:  # the grid's own scores, if made the same way
+            r = json.load(f)
+        if all(r["args"].get(a) == getattr(args, a) for a in ("n_per_species", "sample_steps", "seed_sampling")):
+            done.setdefault(f"{r['args']['guidance']:g}", r["scores"]["null"])
+        for scale in args.guidance_sweep:
+            if f"{scale:g}" in done:
+                continue
+            t0 = time.time()
+            done[f"{scale:g}"] = score_cell(args, folder, real, None, clf, clf_tax, scale, ["null"])["null"]
+            print(f"{cell_name(*cell)}: guidance {scale:g}: species {done[f'{scale:g}']['species']:.1%} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(done, f, indent=1)
+            os.replace(path + ".tmp", path)
+
+
+def guidance_table(out):
+    """Species accuracy (%) against the guidance scale (CFG), mean ± std over seeds, one row per
+    schedule and k: from the guidance.json files of --guidance-sweep."""
+    by = {}  # (schedule, freeze, init, k) -> scale -> [species accuracy of each seed]
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name, "guidance.json")
+        if os.path.exists(path):
+            r = json.load(open(os.path.join(out, name, "result.json")))
+            for scale, s in json.load(open(path)).items():
+                key = (r["schedule"], r.get("freeze", "none"), r.get("init", "zero"), r["k"])
+                by.setdefault(key, {}).setdefault(float(scale), []).append(100 * s["species"])
+    if not by:
+        return ""
+    scales = sorted({scale for runs in by.values() for scale in runs})
+    lines = ["| schedule | k | " + " | ".join(f"scale {s:g}" for s in scales) + " |", "|---" * (2 + len(scales)) + "|"]
+    for key in sorted(by, key=lambda key: order((*key, "null"))):
+        cols = [f"{np.mean(by[key][s]):.1f} ± {np.std(by[key][s]):.1f} ({len(by[key][s])})" if s in by[key] else "-"
+                for s in scales]
+        lines.append(f"| {label(*key[:3])} | {key[3]} | " + " | ".join(cols) + " |")
+    return ("species accuracy (%) against the guidance scale (1 = no guidance), null negative, mean ± std over "
+            "seeds (how many)\n\n" + "\n".join(lines) + "\n")
 
 
 def order(key):
@@ -148,6 +199,8 @@ def report(args):
         lines.append(f"| {label(schedule, freeze, init)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
     table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" \
         + "species accuracy (%), CFG\n\n" + species_table(results) + "\n" + claims(results)
+    sweep = guidance_table(args.out)
+    table += "\n" + sweep if sweep else ""
     print(table)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
@@ -245,6 +298,8 @@ def main():
                    help="train.py --stage-steps; the one-stage schedules train the sum (default: 1000 steps, the "
                         "shape of train.py's default at 0.3x the length)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
+                   help="no training: score the finished cells of the selected grid at these scales (CFG)")
     p.add_argument("--n-per-species", type=int, default=4, help="generated images per species and negative")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed-sampling", type=int, default=0)
@@ -276,7 +331,7 @@ def main():
             claim = os.path.join(args.out, cell_name(*cell), "claimed")
             if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):
                 os.remove(claim)
-    if args.parallel > 1 and not args.worker:  # N copies of this script share the cells; each uses 1/N of the cores
+    if args.parallel > 1 and not args.worker and not args.guidance_sweep:  # N copies of this script share the cells; each uses 1/N of the cores
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel))}
         workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"], env=env)
                    for _ in range(args.parallel)]
@@ -286,7 +341,10 @@ def main():
         real_images, _ = toy_dataset(args.n_per_species, 32, fid.REAL_SEED)
         real = {"clf": fid.classify(clf, real_images)[0],
                 "inception": fid.inception_features(net, real_images, "torchmetrics", 50, args.device) if net else None}
-        run_cells(args, cells, real, net, clf, clf_tax)
+        if args.guidance_sweep:
+            sweep_guidance(args, real, clf, clf_tax)
+        else:
+            run_cells(args, cells, real, net, clf, clf_tax)
     print(f"grid: {time.time() - t_grid:.0f} s this run")
     if not args.worker:
         report(args)

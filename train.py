@@ -59,7 +59,7 @@ class TrainConfig:
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
     p_cut: float = 0.2  # probability of cutting the lineage at a random coarser rank
     loss_weight: str = "v"  # v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss); eps: Algorithm 1's eps-MSE
-    stage_steps: str = "300,300,600,800,1400"  # steps of the 1st, 2nd, ... stage; the last number repeats
+    stage_steps: str = "200,200,600,800,1800"  # steps of the 1st, 2nd, ... stage; the last number repeats
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: int = 64  # toy images per species (the few-shot knob)
@@ -442,7 +442,7 @@ def main(cfg):
                              "where bf16 is many times slower than fp32; drop --amp")
         if not all(n.strip().isdigit() and int(n) > 0 for n in cfg.stage_steps.split(",")):
             raise SystemExit(f"error: --stage-steps '{cfg.stage_steps}' is not a comma-separated list of positive "
-                             "step counts, e.g. 300,300,600,800,1400")
+                             "step counts, e.g. 200,200,600,800,1800")
         if cfg.batch_size % world:
             raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
         try:  # bad data ends here, in one line, before any checkpoint is touched

@@ -23,20 +23,20 @@ def one_thread():
 def test_every_schedule_trains_as_many_steps():
     plan = [2, 3, 4, 5, 6]  # class .. species
     cfg = train.TrainConfig()
-    assert train.schedule_stages(cfg, plan) == [(2, 300), (3, 300), (4, 600), (5, 800), (6, 1400)]
+    assert train.schedule_stages(cfg, plan) == [(2, 200), (3, 200), (4, 600), (5, 800), (6, 1800)]
     for schedule in ["all", "random", "flat"]:
-        assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 3400)]
+        assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 3600)]
     assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7), plan) == [(6, 35)]
     two = train.TrainConfig(stage_steps="100,200")  # the last number repeats
     assert train.schedule_stages(two, plan) == [(2, 100), (3, 200), (4, 200), (5, 200), (6, 200)]
     deeper = [0, 1, 2, 3, 4, 5, 6]  # kingdom .. species
-    assert [n for _, n in train.schedule_stages(cfg, deeper)] == [300, 300, 600, 800, 1400, 1400, 1400]
+    assert [n for _, n in train.schedule_stages(cfg, deeper)] == [200, 200, 600, 800, 1800, 1800, 1800]
 
 
 def test_bad_stage_steps_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(train.parse_args(["--stage-steps", "300,x", "--out", str(tmp_path)]))
-    assert "error: --stage-steps '300,x'" in str(e.value) and "300,300,600,800,1400" in str(e.value)
+    assert "error: --stage-steps '300,x'" in str(e.value) and "200,200,600,800,1800" in str(e.value)
 
 
 def test_flat_lineage_keeps_the_leaf_alone():

@@ -1,7 +1,7 @@
 """
 How fast is our UNet against what a reader would otherwise pick, at the same size (a script, not a test).
 
-    python tests/benchmarks/speed.py                  # 2-core CPU, 32x32, fp32: about 30 min
+    python tests/benchmarks/speed.py                  # 2-core CPU, 32x32, fp32: about 25 min
     python tests/benchmarks/speed.py --repeats 1      # a first look, about 6 min
     python tests/benchmarks/speed.py --device cuda    # the same on a GPU (fp32 weights, TF32 matmuls)
 

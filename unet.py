@@ -222,7 +222,7 @@ class UNet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 self.up.append(Block(c + skips.pop(), ch, cfg, temb_dim, res in cfg.attn_resolutions))
                 c = ch
-            if level > 0:  # double H and W; the conv already narrows to the next level's channels
+            if level > 0:  # double H and W; the conv narrows straight to the finer level's channels
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(c, chans[level - 1], 3, padding=1)))
                 c, res = chans[level - 1], res * 2

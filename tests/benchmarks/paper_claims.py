@@ -296,7 +296,7 @@ def main():
     p.add_argument("--size", default="tiny", help="UNet size (unet.SIZES)")
     p.add_argument("--stage-steps", default="100,100,200,250,350",
                    help="train.py --stage-steps; the one-stage schedules train the sum (default: 1000 steps, the "
-                        "shape of train.py's default at 0.3x the length)")
+                        "shape of train.py's earlier default 300,300,600,800,1400 at 0.3x the length)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
                    help="no training: score the finished cells of the selected grid at these scales (CFG)")

@@ -258,7 +258,13 @@ def load_checkpoint(path, device="cpu"):
         raise FileNotFoundError(f"checkpoint {path} not found: train one first with `python train.py`")
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = build_model(ckpt)
-    model.load_state_dict(ckpt["ema"])
+    try:
+        model.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:  # e.g. written before the upsampling convolutions were narrowed
+        lines = str(e).splitlines()
+        first = next((ln.strip().rstrip(".") for ln in lines if "size mismatch" in ln), lines[0])
+        raise ValueError(f"{path}: its weights do not fit this version of the network ({first}); "
+                         "train it again with `python train.py`") from None
     return to_device(model, device).eval(), ckpt
 
 

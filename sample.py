@@ -87,5 +87,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (LineageError, FileNotFoundError) as e:
+    except (LineageError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

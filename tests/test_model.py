@@ -198,5 +198,12 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert not (tmp_path / "genus.pt.tmp").exists()
     loaded, ckpt = load_checkpoint(path)  # uses torch.load(weights_only=True)
     assert ckpt["level"] == "genus" and isinstance(build_model(ckpt), TaxaDiffusion)
+    # weights of another network (here: another width) end in one line that names the file and what to do
+    other = TaxaDiffusion(UNetConfig(**{**SIZES["tiny"], "base_channels": 8}), VOCAB)
+    save_checkpoint(path, model=other.state_dict(), ema=other.state_dict(), unet_config=asdict(TINY),
+                    vocab_sizes=VOCAB, lineages=[["Animalia", None, "Aves"]], level="genus")
+    with pytest.raises(ValueError, match=r"genus.pt: its weights do not fit this version of the network "
+                                         r"\(size mismatch for .*\); train it again"):
+        load_checkpoint(path)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)

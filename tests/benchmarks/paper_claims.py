@@ -331,7 +331,8 @@ def main():
             claim = os.path.join(args.out, cell_name(*cell), "claimed")
             if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):
                 os.remove(claim)
-    if args.parallel > 1 and not args.worker and not args.guidance_sweep:  # N copies of this script share the cells; each uses 1/N of the cores
+    # N copies of this script share the cells, each on 1/N of the cores (a guidance sweep runs in one process)
+    if args.parallel > 1 and not args.worker and not args.guidance_sweep:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.parallel))}
         workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"], env=env)
                    for _ in range(args.parallel)]

@@ -53,6 +53,7 @@ class TrainConfig:
     batch_size: int = 32  # images per step, over all processes (torchrun)
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
+    cooldown: float = 0.0  # the last stage's final fraction of steps decays the learning rate linearly to 0
     embed_lr_mult: float = 30.0  # learning rate of the rank embedding tables = lr * this
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
@@ -110,6 +111,13 @@ def schedule_stages(cfg, plan):
     if cfg.schedule == "progressive":
         return list(zip(plan, steps))
     return [(plan[-1], sum(steps))]
+
+
+def lr_factor(s, steps, warmup, cooldown):
+    """Learning rate of step s + 1 of `steps`, as a fraction of --lr: linear warm-up over `warmup` steps,
+    then constant, then a linear decay to 0 over the last `cooldown` steps."""
+    warm = min(1.0, (s + 1) / warmup)
+    return min(warm, (steps - s) / cooldown) if cooldown else warm
 
 
 def flat_lineage(lineage):
@@ -305,7 +313,8 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
     # fused=True: one kernel for every tensor's update (CPU and CUDA), 4x faster than the per-tensor loop
     opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
                             lr=cfg.lr, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
+    cool = round(cfg.cooldown * steps) if level == stages[-1] else 0  # only the last stage cools down
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cool))
     # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
     torch.manual_seed(cfg.seed + level + 1000 * (rank + 1))
 

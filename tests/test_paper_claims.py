@@ -10,33 +10,43 @@ import paper_claims  # noqa: E402
 
 def test_cells_run_seed_by_seed_and_variants_only_for_progressive():
     args = SimpleNamespace(seeds=[0, 1], k=[4, 16], schedules=["progressive", "flat"], freeze=["none", "unet"],
-                           new_rank_init=["zero"])
+                           new_rank_init=["zero"], p_uncond=[0.1], p_cut=[0.2], stage_steps=[paper_claims.STAGE_STEPS])
     cells = paper_claims.grid_cells(args)
-    assert cells[:6] == [("progressive", "none", "zero", 4, 0), ("progressive", "unet", "zero", 4, 0),
-                         ("flat", "none", "zero", 4, 0), ("progressive", "none", "zero", 16, 0),
-                         ("progressive", "unet", "zero", 16, 0), ("flat", "none", "zero", 16, 0)]
-    assert len(cells) == 12 and all(c[4] == 1 for c in cells[6:])
-    assert [paper_claims.cell_name(*c) for c in cells[:3]] == ["progressive-k4-s0", "progressive+unet-k4-s0",
-                                                                "flat-k4-s0"]
+    assert [(c.schedule, c.freeze, c.k, c.seed) for c in cells[:6]] == [
+        ("progressive", "none", 4, 0), ("progressive", "unet", 4, 0), ("flat", "none", 4, 0),
+        ("progressive", "none", 16, 0), ("progressive", "unet", 16, 0), ("flat", "none", 16, 0)]
+    assert len(cells) == 12 and all(c.seed == 1 for c in cells[6:])
+    assert [paper_claims.cell_name(c) for c in cells[:3]] == ["progressive-k4-s0", "progressive+unet-k4-s0",
+                                                               "flat-k4-s0"]
     args.freeze, args.new_rank_init = ["none"], ["zero", "random"]
-    assert [paper_claims.cell_name(*c) for c in paper_claims.grid_cells(args)[:2]] == [
+    assert [paper_claims.cell_name(c) for c in paper_claims.grid_cells(args)[:2]] == [
         "progressive-k4-s0", "progressive+random-init-k4-s0"]
+    # the dropout rates and stage lengths are variants of every schedule; the base values add nothing to a name
+    args.new_rank_init, args.p_uncond, args.p_cut, args.stage_steps = ["zero"], [0.1, 0.2], [0.0], ["50,950"]
+    assert [paper_claims.cell_name(c) for c in paper_claims.grid_cells(args)[:4]] == [
+        "progressive+pcut0+steps50,950-k4-s0", "progressive+puncond0.2+pcut0+steps50,950-k4-s0",
+        "flat+pcut0+steps50,950-k4-s0", "flat+puncond0.2+pcut0+steps50,950-k4-s0"]
 
 
 def test_report_averages_over_seeds(tmp_path):
-    def cell(schedule, freeze, k, seed, species, negatives=("null", "parent", "root"), init="zero"):
-        folder = tmp_path / paper_claims.cell_name(schedule, freeze, init, k, seed)
+    def cell(schedule, freeze, k, seed, species, negatives=("null", "parent", "root"), init="zero", p_cut=0.2):
+        c = paper_claims.Cell(schedule, freeze, init, 0.1, p_cut, paper_claims.STAGE_STEPS, k, seed)
+        folder = tmp_path / paper_claims.cell_name(c)
         folder.mkdir()
         scores = {n: {"species": species, "genus": 0.5, "family": 1.0, "classifier_fd": 10.0 * (seed + 1)}
                   for n in negatives}
-        (folder / "result.json").write_text(json.dumps({"schedule": schedule, "freeze": freeze, "init": init,
-                                                        "k": k, "seed": seed, "scores": scores}))
+        (folder / "result.json").write_text(json.dumps({**c._asdict(), "scores": scores}))
 
     cell("progressive", "none", 4, 0, 0.2)
     cell("progressive", "none", 4, 1, 0.4)
     cell("progressive", "unet", 4, 0, 0.1)
     cell("progressive", "none", 4, 0, 0.6, init="random")
     cell("flat", "none", 4, 0, 0.3, negatives=("null",))
+    cell("flat", "none", 4, 0, 0.9, negatives=("null",), p_cut=0.0)
+    # a cell written before the grid varied the dropout rates: no such keys, so the base values
+    (tmp_path / "flat-k16-s0").mkdir()
+    (tmp_path / "flat-k16-s0" / "result.json").write_text(json.dumps(
+        {"schedule": "flat", "freeze": "none", "k": 16, "seed": 0, "scores": {"null": {"species": 0.5}}}))
     (tmp_path / "flat-k4-s1").mkdir()  # an unfinished cell: no result.json, not counted
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
     lines = (tmp_path / "table.md").read_text().splitlines()
@@ -45,15 +55,17 @@ def test_report_averages_over_seeds(tmp_path):
     assert rows[3].startswith("| progressive (random init) | 4 | null | 1 | 60.0 ± 0.0 |")
     assert rows[6].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
     assert rows[9].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |")
-    assert "| progressive (random init) | 60.0 ± 0.0 |" in lines and "| progressive | 30.0 ± 10.0 |" in lines
-    # the claims, paired by seed: only seed 0 has both a progressive and a flat run
+    assert rows[10].startswith("| flat | 16 | null | 1 | 50.0 ± 0.0 |")
+    assert rows[11].startswith("| flat (p_cut 0) | 4 | null | 1 | 90.0 ± 0.0 |")
+    assert "| progressive (random init) | 60.0 ± 0.0 | - |" in lines and "| progressive | 30.0 ± 10.0 | - |" in lines
+    # the claims, paired by seed with the base flags: only seed 0 has both a progressive and a flat run
     assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
 
 def test_guidance_table_from_the_sweep(tmp_path):
     for seed, acc in ((0, {"1": 0.2, "3": 0.5}), (1, {"1": 0.4, "3": 0.7, "5": 0.8})):
-        folder = tmp_path / paper_claims.cell_name("progressive", "none", "zero", 4, seed)
+        folder = tmp_path / f"progressive-k4-s{seed}"
         folder.mkdir()
         (folder / "result.json").write_text(json.dumps({"schedule": "progressive", "k": 4, "seed": seed}))
         (folder / "guidance.json").write_text(json.dumps({s: {"species": a} for s, a in acc.items()}))

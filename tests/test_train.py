@@ -268,3 +268,13 @@ def test_stage_checkpoints_map_taxa_by_name():
     assert as_listed.vocab[5] == ["<unknown>", "Parus", "Poecile"]
     assert rebuilt.vocab[5] == ["<unknown>", "Poecile", "Parus"]
     assert Taxonomy(rebuilt.lineages()).vocab == rebuilt.vocab
+
+
+def test_learning_rate_warms_up_then_cools_down_in_the_last_stage_only(tmp_path):
+    # steps 1..10 of a stage with 2 warm-up and 4 cool-down steps, as fractions of --lr
+    assert [train.lr_factor(s, 10, 2, 4) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [train.lr_factor(s, 4, 2, 0) for s in range(4)] == [0.5, 1, 1, 1]
+    train.main(replace(TINY, level="order", warmup=2, cooldown=0.5, out=str(tmp_path)))
+    lr = {level: torch.load(tmp_path / f"{level}.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+          for level in ("class", "order")}
+    assert lr == {"class": TINY.lr, "order": 0.0}  # after each stage's last step: only the last stage decayed

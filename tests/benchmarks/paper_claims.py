@@ -6,6 +6,7 @@ Does progressive training help? The paper's three claims, tested on the toy tree
     python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
     python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far
     python tests/benchmarks/paper_claims.py --schedules progressive --no-fid --guidance-sweep 1 2 3 5   # no training
+    python tests/benchmarks/paper_claims.py --schedules progressive flat --k 4 --p-cut 0 0.4 --no-fid   # dropout rates
 
 The grid is schedule x images per species k x seed:
 - schedule: progressive (coarse to fine, the paper), all (every rank from step 0),
@@ -13,13 +14,15 @@ The grid is schedule x images per species k x seed:
   all with the same network and the same total number of optimizer steps;
 - k in {4, 16, 64}: claim 2 says progressive helps most when k is small;
 - seeds {0, 1, 2}: a cell is a mean ± std over seeds, never one lucky seed.
+Variants of a cell's training flags are one cell each: --freeze and --new-rank-init
+(progressive only), --p-uncond, --p-cut and --stage-steps (every schedule).
 Each trained model is then sampled with each guidance negative (null = vanilla
 CFG, parent, root = the paper's TaxaGuide), and fid.py scores the images:
 per-rank accuracy of the taxon classifier, its Frechet distance, and FID and KID
 (unless --no-fid: Inception costs ~45 s per negative on one CPU thread).
 
 Every cell trains with train.py in its own folder (out/claims/progressive-k4-s0/,
-progressive+unet-k4-s0/ for a freezing policy, ...) and writes result.json there
+progressive+unet-k4-s0/ for a freezing policy, flat+pcut0-k4-s0/, ...) and writes result.json there
 when it is done, so a killed grid loses its unfinished cells only. Cells run
 seed by seed, so a grid stopped early has whole seeds. With --parallel N, N
 copies of this script claim cells one at a time, each on 1/N of the cores.
@@ -31,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -46,32 +50,49 @@ SCHEDULES = ("progressive", "all", "random", "flat")
 NEGATIVES = ("null", "parent", "root")
 FREEZES = ("none", "unet", "new-rank")
 INITS = ("zero", "random")
+STAGE_STEPS = "100,100,200,250,350"  # the grid's stage lengths: 1,000 steps, the shape of an earlier train.py default
+
+# A cell is one trained model. Everything but k and the seed is its variant: the schedule, and the train.py
+# flags the grid varies (the freezing policy and new-rank init only for progressive; the dropout rates
+# p_uncond and p_cut, and the stage lengths, for every schedule).
+Cell = namedtuple("Cell", "schedule freeze init p_uncond p_cut stage_steps k seed")
+BASE = {"freeze": "none", "init": "zero", "p_uncond": 0.1, "p_cut": 0.2, "stage_steps": STAGE_STEPS}
 
 
-def cell_name(schedule, freeze, init, k, seed):
-    """The cell's folder under --out: progressive-k4-s0, progressive+unet-k4-s0 (a freezing policy),
-    progressive+random-init-k4-s0 (new rank tables start random)."""
-    variant = ("" if freeze == "none" else "+" + freeze) + ("" if init == "zero" else f"+{init}-init")
-    return f"{schedule}{variant}-k{k}-s{seed}"
+def variant_of(cell):
+    """The cell without its k and seed: what a row of the tables averages over seeds."""
+    return tuple(cell[:6])
+
+
+def cell_name(cell):
+    """The cell's folder under --out: progressive-k4-s0 for the base flags; progressive+unet-k4-s0 (a freezing
+    policy), progressive+random-init-k4-s0, flat+puncond0.2-k4-s0, progressive+steps50,50,100,200,600-k4-s0."""
+    c = cell
+    variant = ("" if c.freeze == "none" else "+" + c.freeze) + ("" if c.init == "zero" else f"+{c.init}-init") \
+        + ("" if c.p_uncond == BASE["p_uncond"] else f"+puncond{c.p_uncond:g}") \
+        + ("" if c.p_cut == BASE["p_cut"] else f"+pcut{c.p_cut:g}") \
+        + ("" if c.stage_steps == STAGE_STEPS else f"+steps{c.stage_steps}")
+    return f"{c.schedule}{variant}-k{c.k}-s{c.seed}"
 
 
 def grid_cells(args):
-    """(schedule, freeze, init, k, seed) of every cell, seed by seed: a grid stopped early has whole seeds.
+    """Every Cell of the grid, seed by seed: a grid stopped early has whole seeds.
     The freezing policies and new-rank inits are variants of the progressive schedule only."""
     cells = []
     for seed, k, schedule in itertools.product(args.seeds, args.k, args.schedules):
-        if schedule == "progressive":
-            cells += [(schedule, freeze, init, k, seed) for freeze in args.freeze for init in args.new_rank_init]
-        else:
-            cells.append((schedule, "none", "zero", k, seed))
+        freezes, inits = (args.freeze, args.new_rank_init) if schedule == "progressive" else (["none"], ["zero"])
+        for freeze, init, p_uncond, p_cut, steps in itertools.product(freezes, inits, args.p_uncond, args.p_cut,
+                                                                     args.stage_steps):
+            cells.append(Cell(schedule, freeze, init, p_uncond, p_cut, steps, k, seed))
     return cells
 
 
-def train_cell(args, schedule, freeze, init, k, seed, folder):
+def train_cell(args, cell, folder):
     """Train one model with train.py (a subprocess: the same command a reader would type)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", schedule,
-           "--per-species", str(k), "--seed", str(seed), "--out", folder, "--size", args.size,
-           "--stage-steps", args.stage_steps, "--freeze", freeze, "--new-rank-init", init, "--device", args.device,
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", cell.schedule,
+           "--per-species", str(cell.k), "--seed", str(cell.seed), "--out", folder, "--size", args.size,
+           "--stage-steps", cell.stage_steps, "--freeze", cell.freeze, "--new-rank-init", cell.init,
+           "--p-uncond", str(cell.p_uncond), "--p-cut", str(cell.p_cut), "--device", args.device,
            "--grid-cols", "4", "--grid-steps", "10"]
     with open(os.path.join(folder, "stdout.txt"), "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -109,7 +130,7 @@ def sweep_guidance(args, real, clf, clf_tax):
     """Score the finished cells of the selected grid again at every scale of --guidance-sweep (CFG, the null
     negative), without training: <cell>/guidance.json maps each scale to its scores, written after each."""
     for cell in grid_cells(args):
-        folder = os.path.join(args.out, cell_name(*cell))
+        folder = os.path.join(args.out, cell_name(cell))
         if not os.path.exists(os.path.join(folder, "result.json")):
             continue
         path = os.path.join(folder, "guidance.json")
@@ -123,23 +144,29 @@ def sweep_guidance(args, real, clf, clf_tax):
                 continue
             t0 = time.time()
             done[f"{scale:g}"] = score_cell(args, folder, real, None, clf, clf_tax, scale, ["null"])["null"]
-            print(f"{cell_name(*cell)}: guidance {scale:g}: species {done[f'{scale:g}']['species']:.1%} "
+            print(f"{cell_name(cell)}: guidance {scale:g}: species {done[f'{scale:g}']['species']:.1%} "
                   f"({time.time() - t0:.0f} s)", flush=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(done, f, indent=1)
             os.replace(path + ".tmp", path)
 
 
+def read_cell(result):
+    """The Cell a result.json was trained as (cells from before a flag was varied have the base value)."""
+    flags = {f: result.get(f, result.get("args", {}).get(f, BASE[f])) for f in BASE}
+    return Cell(schedule=result["schedule"], k=result["k"], seed=result["seed"], **flags)
+
+
 def guidance_table(out):
     """Species accuracy (%) against the guidance scale (CFG), mean ± std over seeds, one row per
-    schedule and k: from the guidance.json files of --guidance-sweep."""
-    by = {}  # (schedule, freeze, init, k) -> scale -> [species accuracy of each seed]
+    variant and k: from the guidance.json files of --guidance-sweep."""
+    by = {}  # (variant, k) -> scale -> [species accuracy of each seed]
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name, "guidance.json")
         if os.path.exists(path):
-            r = json.load(open(os.path.join(out, name, "result.json")))
+            cell = read_cell(json.load(open(os.path.join(out, name, "result.json"))))
             for scale, s in json.load(open(path)).items():
-                key = (r["schedule"], r.get("freeze", "none"), r.get("init", "zero"), r["k"])
+                key = (variant_of(cell), cell.k)
                 by.setdefault(key, {}).setdefault(float(scale), []).append(100 * s["species"])
     if not by:
         return ""
@@ -148,21 +175,26 @@ def guidance_table(out):
     for key in sorted(by, key=lambda key: order((*key, "null"))):
         cols = [f"{np.mean(by[key][s]):.1f} ± {np.std(by[key][s]):.1f} ({len(by[key][s])})" if s in by[key] else "-"
                 for s in scales]
-        lines.append(f"| {label(*key[:3])} | {key[3]} | " + " | ".join(cols) + " |")
+        lines.append(f"| {label(key[0])} | {key[1]} | " + " | ".join(cols) + " |")
     return ("species accuracy (%) against the guidance scale (1 = no guidance), null negative, mean ± std over "
             "seeds (how many)\n\n" + "\n".join(lines) + "\n")
 
 
 def order(key):
-    """Sort key of (schedule, freeze, init, k, negative): the paper's schedule first, CFG first."""
-    schedule, freeze, init, k, neg = key
-    return SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), k, NEGATIVES.index(neg)
+    """Sort key of (variant, k, negative): the paper's schedule first, the base flags first, CFG first."""
+    (schedule, freeze, init, p_uncond, p_cut, steps), k, neg = key
+    return (SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), steps != STAGE_STEPS, steps,
+            p_uncond != BASE["p_uncond"], p_uncond, p_cut != BASE["p_cut"], p_cut, k, NEGATIVES.index(neg))
 
 
-def label(schedule, freeze, init):
-    """How a cell's schedule reads in the table: progressive (unet frozen), progressive (random init), ..."""
+def label(variant):
+    """How a variant reads in the table: progressive (unet frozen), flat (p_uncond 0.2), ..."""
+    schedule, freeze, init, p_uncond, p_cut, steps = variant
     notes = {"none": [], "unet": ["unet frozen"], "new-rank": ["only new-rank"]}[freeze]
     notes += [] if init == "zero" else [f"{init} init"]
+    notes += [] if p_uncond == BASE["p_uncond"] else [f"p_uncond {p_uncond:g}"]
+    notes += [] if p_cut == BASE["p_cut"] else [f"p_cut {p_cut:g}"]
+    notes += [] if steps == STAGE_STEPS else [f"steps {steps}"]
     return f"{schedule} ({', '.join(notes)})" if notes else schedule
 
 
@@ -175,15 +207,15 @@ def report(args):
         if os.path.exists(path):
             with open(path) as f:
                 r = json.load(f)
+            cell = read_cell(r)
             for neg, s in r["scores"].items():
-                key = (r["schedule"], r.get("freeze", "none"), r.get("init", "zero"), r["k"], neg)
-                results.setdefault(key, {})[r["seed"]] = s
+                results.setdefault((variant_of(cell), cell.k, neg), {})[cell.seed] = s
     if not results:
         print("no finished cells yet")
         return
     cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
     lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
-    for (schedule, freeze, init, k, neg), by_seed in sorted(results.items(), key=lambda item: order(item[0])):
+    for (variant, k, neg), by_seed in sorted(results.items(), key=lambda item: order(item[0])):
         runs = list(by_seed.values())
         cells_txt = []
         for c in cols:
@@ -196,7 +228,7 @@ def report(args):
                 cells_txt.append(f"{1e3 * v.mean():.2f} ± {1e3 * v.std():.2f}")
             else:
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
-        lines.append(f"| {label(schedule, freeze, init)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
+        lines.append(f"| {label(variant)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
     table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" \
         + "species accuracy (%), CFG\n\n" + species_table(results) + "\n" + claims(results)
     sweep = guidance_table(args.out)
@@ -209,12 +241,12 @@ def report(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for variant in sorted({key[:3] for key in results}, key=lambda v: order((*v, 0, "null"))):
-        ks = sorted(key[3] for key in results if key[:3] == variant and key[4] == "null")
+    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, 0, "null"))):
+        ks = sorted(key[1] for key in results if key[0] == variant and key[2] == "null")
         if ks:
-            acc = [np.array([r["species"] for r in results[(*variant, k, "null")].values()]) * 100 for k in ks]
+            acc = [np.array([r["species"] for r in results[(variant, k, "null")].values()]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
-                        label=label(*variant))
+                        label=label(variant))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training images per species (k)")
     ax.set_ylabel("species accuracy (%), CFG")
@@ -227,14 +259,14 @@ def report(args):
 
 def species_table(results):
     """Species accuracy (%) with CFG, one row per schedule and variant, one column per k: the README's table."""
-    ks = sorted({key[3] for key in results})
+    ks = sorted({key[1] for key in results})
     lines = ["| schedule | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---" * (1 + len(ks)) + "|"]
-    for variant in sorted({key[:3] for key in results}, key=lambda v: order((*v, 0, "null"))):
+    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, 0, "null"))):
         cols = []
         for k in ks:
-            v = np.array([r["species"] for r in results.get((*variant, k, "null"), {}).values()]) * 100
+            v = np.array([r["species"] for r in results.get((variant, k, "null"), {}).values()]) * 100
             cols.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "-")
-        lines.append(f"| {label(*variant)} | " + " | ".join(cols) + " |")
+        lines.append(f"| {label(variant)} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,10 +278,10 @@ def claims(results):
              for a, b in pairs if a in results and b in results for seed in results[a] if seed in results[b]]
         return f"{np.mean(d):+.1f} ± {np.std(d):.1f} ({len(d)})" if d else "-"
 
-    base = lambda schedule, k, neg="null": (schedule, "none", "zero", k, neg)  # noqa: E731
+    base = lambda schedule, k, neg="null": ((schedule, *BASE.values()), k, neg)  # noqa: E731
     head = ["progressive - all", "progressive - random", "progressive - flat", "root - null", "parent - null"]
     lines = ["| k | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
-    for k in sorted({key[3] for key in results}):
+    for k in sorted({key[1] for key in results}):
         cols = [diffs([(base("progressive", k), base(other, k))]) for other in ("all", "random", "flat")]
         for neg in ("root", "parent"):  # TaxaGuide against CFG, over every schedule that has a hierarchy
             cols.append(diffs([(base(s, k, neg), base(s, k)) for s in ("progressive", "all", "random")]))
@@ -261,7 +293,7 @@ def claims(results):
 def run_cells(args, cells, real, net, clf, clf_tax):
     """Train and score every cell that has no result.json and that no other worker has claimed."""
     for i, cell in enumerate(cells):
-        name = cell_name(*cell)
+        name = cell_name(cell)
         folder = os.path.join(args.out, name)
         result = os.path.join(folder, "result.json")
         os.makedirs(folder, exist_ok=True)
@@ -273,13 +305,13 @@ def run_cells(args, cells, real, net, clf, clf_tax):
             continue
         t0 = time.time()
         print(f"[{i + 1}/{len(cells)}] {name}: training", flush=True)
-        train_cell(args, *cell, folder)
+        train_cell(args, cell, folder)
         t1 = time.time()
         scores = score_cell(args, folder, real, net, clf, clf_tax)
         print(f"    {name}: {t1 - t0:.0f} s training, {time.time() - t1:.0f} s "
               "scoring: " + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
         with open(result + ".tmp", "w") as f:
-            json.dump({**dict(zip(["schedule", "freeze", "init", "k", "seed"], cell)), "scores": scores,
+            json.dump({**cell._asdict(), "scores": scores,
                        "args": vars(args), "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
         os.replace(result + ".tmp", result)
 
@@ -294,9 +326,13 @@ def main():
     p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="training images per species")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", default="tiny", help="UNet size (unet.SIZES)")
-    p.add_argument("--stage-steps", default="100,100,200,250,350",
-                   help="train.py --stage-steps; the one-stage schedules train the sum (default: 1000 steps, the "
-                        "shape of train.py's earlier default 300,300,600,800,1400 at 0.3x the length)")
+    p.add_argument("--stage-steps", nargs="+", default=[STAGE_STEPS],
+                   help="train.py --stage-steps, one cell each; the one-stage schedules train the sum (default: 1,000 "
+                        "steps, the shape of train.py's earlier default 300,300,600,800,1400 at 0.3x the length)")
+    p.add_argument("--p-uncond", type=float, nargs="+", default=[BASE["p_uncond"]],
+                   help="train.py --p-uncond (the whole lineage dropped), one cell each")
+    p.add_argument("--p-cut", type=float, nargs="+", default=[BASE["p_cut"]],
+                   help="train.py --p-cut (the lineage cut at a coarser rank), one cell each")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
                    help="no training: score the finished cells of the selected grid at these scales (CFG)")
@@ -314,7 +350,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.quick:
-        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], "20", 1, 5
+        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], ["20"], 1, 5
         args.out = os.path.join(args.out, "quick")
     args.figure = args.figure or os.path.join(args.out, "species_vs_k.png")
     os.makedirs(args.out, exist_ok=True)
@@ -328,7 +364,7 @@ def main():
     t_grid = time.time()
     if not args.worker:
         for cell in cells:  # claims left by a run that was killed
-            claim = os.path.join(args.out, cell_name(*cell), "claimed")
+            claim = os.path.join(args.out, cell_name(cell), "claimed")
             if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):
                 os.remove(claim)
     # N copies of this script share the cells, each on 1/N of the cores (a guidance sweep runs in one process)

@@ -53,7 +53,8 @@ class TrainConfig:
     batch_size: int = 32  # images per step, over all processes (torchrun)
     lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
-    cooldown: float = 0.0  # the last stage's final fraction of steps decays the learning rate linearly to 0
+    cooldown: float = 0.3  # the last stage's final fraction of steps decays the learning rate linearly to 0
+    #   (0.3 of the species stage: species accuracy 87.9 -> 91.0 %, family and genus +2.5, at no cost; README)
     embed_lr_mult: float = 30.0  # learning rate of the rank embedding tables = lr * this
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture

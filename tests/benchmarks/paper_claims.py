@@ -92,7 +92,8 @@ def train_cell(args, cell, folder):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--level", "species", "--schedule", cell.schedule,
            "--per-species", str(cell.k), "--seed", str(cell.seed), "--out", folder, "--size", args.size,
            "--stage-steps", cell.stage_steps, "--freeze", cell.freeze, "--new-rank-init", cell.init,
-           "--p-uncond", str(cell.p_uncond), "--p-cut", str(cell.p_cut), "--device", args.device,
+           "--p-uncond", str(cell.p_uncond), "--p-cut", str(cell.p_cut), "--cooldown", str(args.cooldown),
+           "--device", args.device,
            "--grid-cols", "4", "--grid-steps", "10"]
     with open(os.path.join(folder, "stdout.txt"), "a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -333,6 +334,8 @@ def main():
                    help="train.py --p-uncond (the whole lineage dropped), one cell each")
     p.add_argument("--p-cut", type=float, nargs="+", default=[BASE["p_cut"]],
                    help="train.py --p-cut (the lineage cut at a coarser rank), one cell each")
+    p.add_argument("--cooldown", type=float, default=0.0,
+                   help="train.py --cooldown; 0 (a constant learning rate) is the recipe the grid was measured with")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
                    help="no training: score the finished cells of the selected grid at these scales (CFG)")

@@ -46,7 +46,7 @@ def test_report_averages_over_seeds(tmp_path):
     # a cell written before the grid varied the dropout rates: no such keys, so the base values
     (tmp_path / "flat-k16-s0").mkdir()
     (tmp_path / "flat-k16-s0" / "result.json").write_text(json.dumps(
-        {"schedule": "flat", "freeze": "none", "k": 16, "seed": 0, "scores": {"null": {"species": 0.5}}}))
+        {"schedule": "flat", "freeze": "none", "k": 16, "seed": 0, "scores": {"null": {"species": 0.5, "genus": 0.5, "family": 1.0}}}))
     (tmp_path / "flat-k4-s1").mkdir()  # an unfinished cell: no result.json, not counted
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
     lines = (tmp_path / "table.md").read_text().splitlines()
@@ -60,6 +60,10 @@ def test_report_averages_over_seeds(tmp_path):
     assert "| progressive (random init) | 60.0 ± 0.0 | - |" in lines and "| progressive | 30.0 ± 10.0 | - |" in lines
     # the claims, paired by seed with the base flags: only seed 0 has both a progressive and a flat run
     assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
+    # each variant against the base progressive cell of the same seed (flat: seed 0 only)
+    assert "| progressive | 4 | 2 | 30.0 ± 10.0 |  | 50.0 | 100.0 |" in lines
+    assert "| progressive (unet frozen) | 4 | 1 | 10.0 ± 0.0 | -10.0 ± 0.0 (1) | 50.0 | 100.0 |" in lines
+    assert "| flat (p_cut 0) | 4 | 1 | 90.0 ± 0.0 | +70.0 ± 0.0 (1) | 50.0 | 100.0 |" in lines
     assert (tmp_path / "fig.png").stat().st_size > 1000
 
 

@@ -231,7 +231,8 @@ def report(args):
                 cells_txt.append(f"{v.mean():.1f} ± {v.std():.1f}")
         lines.append(f"| {label(variant)} | {k} | {neg} | {len(runs)} | " + " | ".join(cells_txt) + " |")
     table = "\n".join(lines) + "\n\naccuracy in %; kid x 1e3; mean ± std (population) over seeds\n\n" \
-        + "species accuracy (%), CFG\n\n" + species_table(results) + "\n" + claims(results)
+        + "species accuracy (%), CFG\n\n" + species_table(results) + "\n" + claims(results) + "\n" \
+        + variants_table(results)
     sweep = guidance_table(args.out)
     table += "\n" + sweep if sweep else ""
     print(table)
@@ -269,6 +270,25 @@ def species_table(results):
             cols.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) else "-")
         lines.append(f"| {label(variant)} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def variants_table(results):
+    """Every variant, one row per variant and k: species, genus and family accuracy (%) with CFG, and the species
+    accuracy paired by seed against the base progressive cell (the same images): what each change does."""
+    base = ("progressive", *BASE.values())
+    lines = ["| variant | k | seeds | species | species - progressive | genus | family |", "|---" * 7 + "|"]
+    for variant, k, neg in sorted(results, key=order):
+        if neg != "null":
+            continue
+        runs, ref = results[(variant, k, neg)], results.get((base, k, neg), {})
+        mean = {r: 100 * np.mean([s[r] for s in runs.values()]) for r in ("species", "genus", "family")}
+        d = [100 * (runs[seed]["species"] - ref[seed]["species"]) for seed in runs if seed in ref]
+        diff = "" if variant == base else f"{np.mean(d):+.1f} ± {np.std(d):.1f} ({len(d)})" if d else "-"
+        std = 100 * np.std([s["species"] for s in runs.values()])
+        lines.append(f"| {label(variant)} | {k} | {len(runs)} | {mean['species']:.1f} ± {std:.1f} | {diff} | "
+                     f"{mean['genus']:.1f} | {mean['family']:.1f} |")
+    return ("every variant against progressive, CFG: accuracy in % (mean over seeds), species difference in points "
+            "paired by seed, mean ± std (pairs)\n\n" + "\n".join(lines) + "\n")
 
 
 def claims(results):

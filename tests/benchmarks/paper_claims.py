@@ -245,7 +245,7 @@ def report(args):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for variant in sorted({key[0] for key in results}, key=lambda v: order((v, 0, "null"))):
         ks = sorted(key[1] for key in results if key[0] == variant and key[2] == "null")
-        if ks:
+        if len(ks) > 1:  # a line per variant trained at several k; the others are in the variants table
             acc = [np.array([r["species"] for r in results[(variant, k, "null")].values()]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
                         label=label(variant))

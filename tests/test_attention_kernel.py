@@ -154,3 +154,59 @@ def test_kernels_compile_for_the_gpu():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 0
+
+
+# -----------------------------------------------------------------------------
+# On a GPU: the compiled kernel itself (CI has none, so these are skipped there; run them where one is)
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+# of the largest entry (absolute below 1). fp32 inputs go through tl.dot as TF32, which keeps fp16's 10-bit
+# mantissa, so fp32 gets fp16's tolerance: with a single key, dk should be 0 and TF32 leaves 6.5e-3 of it (H100)
+GPU_TOL = {"float32": 1e-2, "float16": 1e-2, "bfloat16": 3e-2}
+
+
+@cuda
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
+def test_kernel_on_gpu_matches_reference(dtype):
+    import torch
+    from unet import attention_reference, flash_attention
+    dt = getattr(torch, dtype)
+    for BH, N, M, d in SHAPES + [(64 * 2, 64, 64, 32), (64, 1024, 8, 32), (4 * 16, 4096, 4096, 64)]:
+        g = torch.Generator("cuda").manual_seed(N * 1000 + M)
+        buf = torch.randn(BH, max(N, M), 3, 1, d, generator=g, device="cuda")  # strided views, as in the UNet
+        q, k, v = (buf[:, :n, i].transpose(1, 2) for i, n in enumerate((N, M, M)))  # (BH, 1, n, d) each
+        do = torch.randn(q.shape, generator=g, device="cuda")
+        ins = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        o = flash_attention(*ins)
+        grads = torch.autograd.grad(o, ins, do.to(dt))
+        ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]  # fp64: no TF32 in the reference
+        o_ref = attention_reference(*ref_ins)
+        ref_grads = torch.autograd.grad(o_ref, ref_ins, do.double())
+        for name, a, b in zip(["o", "dq", "dk", "dv"], (o, *grads), (o_ref, *ref_grads)):
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+            assert err < GPU_TOL[dtype], f"{name} off by {err:.2e} for {(BH, N, M, d)} {dtype}"
+
+
+@cuda
+def test_unet_on_gpu_with_kernel_matches_sdpa():
+    """The default UNet's training gradients on the GPU, our kernel against PyTorch's SDPA, in fp32 (TF32
+    matmuls in both) and under bf16 autocast, as train.py --amp runs it."""
+    import torch
+    from unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    nets = {impl: UNet(UNetConfig(attention_impl=impl)).cuda() for impl in ("triton", "sdpa")}
+    for p in nets["triton"].parameters():  # no zero-initialised layers: every path must matter
+        torch.nn.init.normal_(p, std=0.05)
+    nets["sdpa"].load_state_dict(nets["triton"].state_dict())
+    x, t, ctx = torch.randn(8, 3, 32, 32).cuda(), torch.randint(0, 1000, (8,)).cuda(), torch.randn(8, 8, 128).cuda()
+    for dtype, tol in ((torch.float32, 1e-2), (torch.bfloat16, 5e-2)):
+        outs, grads = {}, {}
+        for impl, net in nets.items():
+            net.zero_grad()
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                outs[impl] = net(x, t, ctx).float()
+            outs[impl].square().mean().backward()
+            grads[impl] = torch.cat([p.grad.flatten() for p in net.parameters()])
+        out_err = ((outs["triton"] - outs["sdpa"]).abs().max() / outs["sdpa"].abs().max()).item()
+        grad_err = ((grads["triton"] - grads["sdpa"]).abs().max() / grads["sdpa"].abs().max()).item()
+        assert out_err < tol and grad_err < tol, (dtype, out_err, grad_err)

@@ -7,8 +7,9 @@ Benchmark the fused Triton attention kernel against PyTorch's SDPA backends (a s
 
 Prints, per shape: the largest error against the fp32 reference, and TFLOP/s for
 the forward and the forward+backward of our kernel, SDPA-flash, SDPA-cuDNN and
-SDPA-efficient (a backend that does not support a shape prints '-'). Then one
-UNet training step per second with each attention implementation.
+SDPA-efficient (a backend that does not support a shape prints '-'). Then UNet
+training steps per second with each attention implementation, and with
+channels-last convolutions, at the default run's shape and at larger ones.
 FLOPs: forward 4*B*H*N*M*d, backward 2.5x the forward (the FlashAttention convention).
 """
 import argparse
@@ -186,34 +187,41 @@ def overhead(calls=200):
 
 def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
     """Training steps per second of the default UNet with each attention implementation: our kernel,
-    the plain reference, and SDPA (PyTorch picks its backend). Median of rounds that alternate them."""
+    the plain reference, SDPA (PyTorch picks its backend), and SDPA with channels-last convolutions
+    (what model.to_device does on a CPU). Median of rounds that alternate them. dtype float32 = fp32
+    weights with TF32 matmuls, as train.py runs without --amp; bfloat16 = autocast, as with --amp."""
     import statistics
     reference = unet.attention_reference
     sdpa_any = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    variants = {"triton": ("triton", False), "torch": ("torch", False), "sdpa": ("sdpa", False),
+                "sdpa+channels-last": ("sdpa", True)}
     steps = {}
-    for impl in ["triton", "torch", "sdpa"]:
+    for name, (impl, channels_last) in variants.items():
         torch.manual_seed(0)
-        net = UNet(UNetConfig(image_size=size, attention_impl="triton" if impl == "triton" else "torch")).cuda()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        x = torch.randn(batch, 3, size, size, device="cuda")
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = UNet(UNetConfig(image_size=size, attention_impl="triton" if impl == "triton" else "torch"))
+        net = net.cuda().to(memory_format=fmt)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+        x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=fmt)
         t = torch.randint(0, 1000, (batch,), device="cuda")
         ctx = torch.randn(batch, 8, 128, device="cuda")
 
         def step(net=net, opt=opt, x=x, t=t, ctx=ctx, impl=impl):
             unet.attention_reference = sdpa_any if impl == "sdpa" else reference
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 loss = net(x, t, ctx).float().square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             unet.attention_reference = reference
-        steps[impl] = step
-    ms = {impl: [] for impl in steps}
+        steps[name] = step
+    ms = {name: [] for name in steps}
     for _ in range(rounds):
-        for impl, step in steps.items():
-            ms[impl].append(bench_ms(step))
-    print(f"UNet {size}x{size} batch {batch} bf16 autocast, steps/s: " +
-          ", ".join(f"{impl} {1000 / statistics.median(v):.1f}" for impl, v in ms.items()), flush=True)
+        for name, step in steps.items():
+            ms[name].append(bench_ms(step))
+    print(f"UNet {size}x{size} batch {batch} {str(dtype).split('.')[-1]}, steps/s: " +
+          ", ".join(f"{name} {1000 / statistics.median(v):.1f}" for name, v in ms.items()), flush=True)
 
 
 if __name__ == "__main__":
@@ -221,17 +229,21 @@ if __name__ == "__main__":
     p.add_argument("--sweep", action="store_true", help="try other block sizes at the standard shape")
     p.add_argument("--unet-sweep", action="store_true", help="try launch configurations at the UNet's shapes")
     p.add_argument("--overhead", action="store_true", help="GPU time against CPU launch time at the UNet's shapes")
+    p.add_argument("--steps-only", action="store_true", help="only the UNet training steps (skip the kernel table)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU; on the CPU the UNet uses the PyTorch reference attention")
         sys.exit(0)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    attention_table()
+    if not args.steps_only:
+        attention_table()
     if args.sweep:
         sweep()
     if args.unet_sweep:
         unet_sweep()
     if args.overhead:
         overhead()
-    unet_steps(size=32)
-    unet_steps(size=64)
+    # the default run's shape (launch-bound: a step is a few hundred small kernels), then a GPU kept busy
+    for batch, size, dtype in [(32, 32, torch.float32), (64, 32, torch.bfloat16), (64, 64, torch.bfloat16),
+                               (256, 64, torch.bfloat16), (256, 64, torch.float32)]:
+        unet_steps(batch, size, dtype)

@@ -209,8 +209,11 @@ def check_checkpoint(ckpt, path, cfg, taxonomy, resuming):
         raise SystemExit(f"error: {path} was trained on another taxonomy ({'; '.join(diffs)}); {fix}")
     train_keys = [k for k in asdict(cfg) if k not in FREE_ON_RESUME] if resuming else ["size", "image_size"]
     for k in train_keys:
-        if ckpt["train_config"].get(k) != getattr(cfg, k):
-            flag = "--" + k.replace("_", "-")
+        flag = "--" + k.replace("_", "-")
+        if k not in ckpt["train_config"]:  # written by a train.py that had no such flag
+            raise SystemExit(f"error: {path} was written before {flag} existed, so this train.py cannot resume "
+                             f"it; delete it to train this stage again, or finish it with the train.py that wrote it")
+        if ckpt["train_config"][k] != getattr(cfg, k):
             raise SystemExit(f"error: {path} was trained with {flag} {ckpt['train_config'].get(k)}, "
                              f"this run has {flag} {getattr(cfg, k)}; {fix}")
     for what, config in zip(("unet_config", "diffusion_config"), network_configs(cfg)):

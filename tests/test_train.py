@@ -248,6 +248,14 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"class.last.pt was trained with --lr 0.001, this run has --lr 0.002;"):
         train.main(replace(TINY, steps=2, lr=2e-3, out=str(out)))
 
+    # resuming a stage written by an older train.py that had no --cooldown
+    old_cfg = {k: v for k, v in ckpt["train_config"].items() if k != "cooldown"}
+    torch.save({**ckpt, "step": 1, "train_config": old_cfg}, out / "class.last.pt")
+    with pytest.raises(SystemExit, match=r"^error: \S*class.last.pt was written before --cooldown existed, so this "
+                                         r"train.py cannot resume it; delete it to train this stage again"):
+        train.main(replace(TINY, steps=2, out=str(out)))
+    assert (out / "class.last.pt").exists()  # refused, not deleted
+
 
 def test_stage_checkpoints_map_taxa_by_name():
     a = [("Animalia", None, "Aves", "Passeriformes", None, None, None),

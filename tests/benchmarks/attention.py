@@ -243,7 +243,7 @@ if __name__ == "__main__":
         unet_sweep()
     if args.overhead:
         overhead()
-    # the default run's shape (launch-bound: a step is a few hundred small kernels), then a GPU kept busy
+    # the default run's shape (fp32, batch 32), then more work per step: bf16, larger batches and images
     for batch, size, dtype in [(32, 32, torch.float32), (64, 32, torch.bfloat16), (64, 64, torch.bfloat16),
                                (256, 64, torch.bfloat16), (256, 64, torch.float32)]:
         unet_steps(batch, size, dtype)

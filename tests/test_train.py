@@ -286,3 +286,16 @@ def test_learning_rate_warms_up_then_cools_down_in_the_last_stage_only(tmp_path)
     lr = {level: torch.load(tmp_path / f"{level}.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
           for level in ("class", "order")}
     assert lr == {"class": TINY.lr, "order": 0.0}  # after each stage's last step: only the last stage decayed
+
+
+def test_attention_path_is_a_free_choice_between_stages(tmp_path):
+    """--attention changes how attention is computed, not what: a stage trained with one path continues with
+    another, and the checkpoint records the path it ran (sample.py and fid.py rebuild the network from it)."""
+    train.main(replace(TINY, attention="sdpa", out=str(tmp_path)))
+    assert torch.load(tmp_path / "class.pt", weights_only=True)["unet_config"]["attention_impl"] == "sdpa"
+    train.main(replace(TINY, level="order", attention="torch", out=str(tmp_path)))  # from class.pt, no refusal
+    order = torch.load(tmp_path / "order.pt", weights_only=True)
+    assert order["unet_config"]["attention_impl"] == "torch"
+    assert build_model(order).unet.cfg.attention_impl == "torch"
+    with pytest.raises(SystemExit):  # and the flag only takes the four paths
+        train.parse_args(["--attention", "flash"])

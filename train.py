@@ -89,8 +89,8 @@ class TrainConfig:
     save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
     amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
     compile: bool = False  # torch.compile the network (for GPUs: on 2 CPU cores, 157 s to compile, then 3 % faster)
-    attention: str = "auto"  # auto (the Triton kernel on CUDA, SDPA elsewhere), triton, sdpa or torch (see unet.attention);
-    #   on an H100 sdpa trains the default network 18 % faster than the kernel (README, "The fused attention kernel")
+    attention: str = "auto"  # auto (the Triton kernel on CUDA, SDPA elsewhere), triton, sdpa or torch: see
+    #   unet.attention. On an H100 sdpa trains the default network 18 % faster (README, "The fused attention kernel")
 
 
 def stage_plan(taxonomy, first_level, level):

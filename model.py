@@ -268,9 +268,11 @@ def load_checkpoint(path, device="cpu"):
     return to_device(model, device).eval(), ckpt
 
 
-def build_model(ckpt):
-    """A fresh TaxaDiffusion shaped like the one in the checkpoint (configs are stored as dicts)."""
-    return TaxaDiffusion(UNetConfig(**ckpt["unet_config"]), ckpt["vocab_sizes"])
+def build_model(ckpt, attention="auto"):
+    """A fresh TaxaDiffusion shaped like the one in the checkpoint (configs are stored as dicts). The attention
+    path is the loading machine's choice, not the run's: a GPU run with --attention triton still samples on a
+    laptop, where "auto" takes SDPA (every path computes the same function)."""
+    return TaxaDiffusion(UNetConfig(**{**ckpt["unet_config"], "attention_impl": attention}), ckpt["vocab_sizes"])
 
 
 def to_device(model, device):

@@ -186,7 +186,7 @@ def set_rng_states(state):
 
 
 # Flags a resumed stage may change: where it runs, how often it saves, its grids, and the arithmetic
-# (--amp, --compile). Any other flag changes what the stage computes, so it must match to resume.
+# (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match to resume.
 FREE_ON_RESUME = ("level", "device", "out", "save_every", "amp", "compile", "attention",
                   "guidance", "guide_from", "grid_cols", "grid_steps", "workers")
 
@@ -217,7 +217,7 @@ def check_checkpoint(ckpt, path, cfg, taxonomy, resuming):
             raise SystemExit(f"error: {path} was written before {flag} existed, so this train.py cannot resume "
                              f"it; delete it to train this stage again, or finish it with the train.py that wrote it")
         if ckpt["train_config"][k] != getattr(cfg, k):
-            raise SystemExit(f"error: {path} was trained with {flag} {ckpt['train_config'].get(k)}, "
+            raise SystemExit(f"error: {path} was trained with {flag} {ckpt['train_config'][k]}, "
                              f"this run has {flag} {getattr(cfg, k)}; {fix}")
     for what, config in zip(("unet_config", "diffusion_config"), network_configs(cfg)):
         for k, v in asdict(config).items():

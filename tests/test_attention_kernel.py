@@ -2,8 +2,8 @@
 
 The kernel runs on the CPU under the Triton interpreter, which must be switched
 on (TRITON_INTERPRET=1) before triton is imported, so the checks run in a
-fresh subprocess; this file compares what it reports. bf16 is left to the GPU
-benchmark: the interpreter computes it wrongly.
+fresh subprocess; this file compares what it reports. bf16 is left to the
+GPU tests at the end (the interpreter computes it wrongly), which CI skips.
 """
 import json
 import os

@@ -46,7 +46,8 @@ def test_report_averages_over_seeds(tmp_path):
     # a cell written before the grid varied the dropout rates: no such keys, so the base values
     (tmp_path / "flat-k16-s0").mkdir()
     (tmp_path / "flat-k16-s0" / "result.json").write_text(json.dumps(
-        {"schedule": "flat", "freeze": "none", "k": 16, "seed": 0, "scores": {"null": {"species": 0.5, "genus": 0.5, "family": 1.0}}}))
+        {"schedule": "flat", "freeze": "none", "k": 16, "seed": 0,
+         "scores": {"null": {"species": 0.5, "genus": 0.5, "family": 1.0}}}))
     (tmp_path / "flat-k4-s1").mkdir()  # an unfinished cell: no result.json, not counted
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
     lines = (tmp_path / "table.md").read_text().splitlines()

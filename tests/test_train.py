@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import train
-from model import build_model
+from model import build_model, load_checkpoint
 from taxonomy import Taxonomy
 from train import TrainConfig
 
@@ -290,12 +290,19 @@ def test_learning_rate_warms_up_then_cools_down_in_the_last_stage_only(tmp_path)
 
 def test_attention_path_is_a_free_choice_between_stages(tmp_path):
     """--attention changes how attention is computed, not what: a stage trained with one path continues with
-    another, and the checkpoint records the path it ran (sample.py and fid.py rebuild the network from it)."""
+    another; the checkpoint records the path it ran, and sample.py and fid.py rebuild the network with the
+    path that suits their own machine ("auto"), so a GPU run with --attention triton samples on a CPU."""
     train.main(replace(TINY, attention="sdpa", out=str(tmp_path)))
     assert torch.load(tmp_path / "class.pt", weights_only=True)["unet_config"]["attention_impl"] == "sdpa"
     train.main(replace(TINY, level="order", attention="torch", out=str(tmp_path)))  # from class.pt, no refusal
     order = torch.load(tmp_path / "order.pt", weights_only=True)
     assert order["unet_config"]["attention_impl"] == "torch"
-    assert build_model(order).unet.cfg.attention_impl == "torch"
+    assert build_model(order).unet.cfg.attention_impl == "auto"
+    # a checkpoint from a GPU run with --attention triton loads and runs here, on the CPU
+    torch.save({**order, "unet_config": {**order["unet_config"], "attention_impl": "triton"}}, tmp_path / "gpu.pt")
+    model, _ = load_checkpoint(str(tmp_path / "gpu.pt"))
+    ids = torch.tensor([Taxonomy(order["lineages"]).ancestors(3, 1)])  # one order's lineage ids: (1, R)
+    eps = model(torch.randn(1, 3, 16, 16), torch.tensor([500]), ids)
+    assert eps.shape == (1, 3, 16, 16) and torch.isfinite(eps).all()
     with pytest.raises(SystemExit):  # and the flag only takes the four paths
         train.parse_args(["--attention", "flash"])

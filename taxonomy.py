@@ -314,11 +314,34 @@ def render_toy(traits, rng, size=32, supersample=4):
     return (img * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
 
+def species_counts(per_species, seed=0):
+    """Training images of each toy species (in toy_species() order) for a --per-species value.
+
+    "64" gives every species 64 images. Real data has a long tail, which is where sharing
+    ancestors should matter most, so two skewed trees are built in, deterministic in the seed:
+    "pairs:64/4"  in every genus one sibling gets 64 images and the other 4 (which one is the seed's pick);
+    "zipf:64"     species ranked in a seeded order get 64 / rank images (64, 32, 21, ..., at least 1).
+    """
+    spec, n = str(per_species), len(toy_species())
+    rng = np.random.default_rng([seed, 7])  # the tree's own stream, apart from the images' (seed, species, k)
+    if re.fullmatch(r"\d+", spec):
+        return [int(spec)] * n
+    if m := re.fullmatch(r"pairs:(\d+)/(\d+)", spec):
+        rich, rare = int(m[1]), int(m[2])
+        rare_first = rng.integers(0, 2, n // 2)  # per genus: is its first species the rare one?
+        return [rare if s % 2 == rare_first[s // 2] else rich for s in range(n)]
+    if m := re.fullmatch(r"zipf:(\d+)", spec):
+        rank = rng.permutation(n) + 1  # species s is the rank[s]-th most common
+        return [max(1, round(int(m[1]) / r)) for r in rank]
+    raise ValueError(f"--per-species '{spec}' is not a count (64), pairs:RICH/RARE (pairs:64/4) or zipf:MAX (zipf:64)")
+
+
 def toy_dataset(per_species=64, size=32, seed=0):
-    """Render the toy tree: (images uint8 (N, 3, size, size), lineages as names)."""
+    """Render the toy tree: (images uint8 (N, 3, size, size), lineages as names).
+    per_species: images of every species, or a long-tailed tree (see species_counts)."""
     images, lineages = [], []
-    for s, (lineage, traits) in enumerate(toy_species()):
-        for k in range(per_species):
+    for s, ((lineage, traits), count) in enumerate(zip(toy_species(), species_counts(per_species, seed))):
+        for k in range(count):
             rng = np.random.default_rng([seed, s, k])  # deterministic in (seed, species, index)
             images.append(render_toy(traits, rng, size))
             lineages.append(lineage)

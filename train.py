@@ -64,7 +64,7 @@ class TrainConfig:
     stage_steps: str = "200,200,600,800,1800"  # steps of the 1st, 2nd, ... stage; the last number repeats
     size: str = "small"  # named UNet size, see unet.SIZES
     image_size: int = 32  # images are resized to image_size x image_size
-    per_species: int = 64  # toy images per species (the few-shot knob)
+    per_species: str = "64"  # toy images per species (the few-shot knob), or a long tail: pairs:64/4, zipf:64
     data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (README: your own data)
     format: str = "auto"  # reader of --data; auto = from what the path is (see taxonomy.FORMATS)
     top_rank: str = "auto"  # folder trees: rank of the top folders; auto = by family endings, else leaves = species
@@ -107,13 +107,16 @@ SCHEDULES = ("progressive", "all", "random", "flat")
 
 
 def schedule_stages(cfg, plan):
-    """(level, steps) of each stage to train. progressive trains the plan's stages one after another;
-    the other schedules train one stage, at the finest rank, for as many steps as all of them."""
+    """(level, steps, cool-down steps) of each stage to train. progressive trains the plan's stages one
+    after another; the other schedules train one stage, at the finest rank, for as many steps as all of
+    them. Only the command's last stage cools down, and by as many steps in every schedule: --cooldown
+    times the plan's last stage (so a one-stage schedule is not given a longer decay than progressive)."""
     given = [int(n) for n in cfg.stage_steps.split(",")]  # the fine traits take longer
     steps = [cfg.steps or given[min(i, len(given) - 1)] for i in range(len(plan))]
+    cool = round(cfg.cooldown * steps[-1])
     if cfg.schedule == "progressive":
-        return list(zip(plan, steps))
-    return [(plan[-1], sum(steps))]
+        return [(level, n, cool if i == len(plan) - 1 else 0) for i, (level, n) in enumerate(zip(plan, steps))]
+    return [(plan[-1], sum(steps), cool)]
 
 
 def lr_factor(s, steps, warmup, cooldown):
@@ -293,7 +296,7 @@ def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
     save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
 
 
-def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
+def train_stage(cfg, level, steps, cool, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
     """Train one stage: condition on ranks 0..level, start from the previous stage's weights.
 
     Resumes from out/<level>.last.pt when it exists. Returns the number of the
@@ -320,7 +323,8 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
     # fused=True: one kernel for every tensor's update (CPU and CUDA), 4x faster than the per-tensor loop
     opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
                             lr=cfg.lr, weight_decay=0.0, fused=True)
-    cool = round(cfg.cooldown * steps) if level == stages[-1] else 0  # only the last stage cools down
+    if os.path.exists(last_path):  # a stage keeps the cool-down it started with, whatever --level says now
+        cool = torch.load(last_path, map_location="cpu", weights_only=True).get("cooldown_steps", cool)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cool))
     # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
     torch.manual_seed(cfg.seed + level + 1000 * (rank + 1))
@@ -361,7 +365,7 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
             dist.all_gather_object(rngs, rng_states())
         if rank == 0:
             save_checkpoint(last_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), rng=rngs, step=step, level=name,
+                            scheduler=sched.state_dict(), rng=rngs, step=step, cooldown_steps=cool, level=name,
                             stages=[RANKS[r] for r in stages], ranks=list(RANKS), unet_config=asdict(unet_config),
                             diffusion_config=asdict(diffusion_config), train_config=asdict(cfg),
                             vocab_sizes=vocab_sizes, vocab=taxonomy.vocab, lineages=taxonomy.lineages())
@@ -484,19 +488,20 @@ def main(cfg):
         stages = stage_plan(taxonomy, cfg.first_level, cfg.level) if cfg.schedule == "flat" else plan
         if rank == 0:
             print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
-                  + " -> ".join(f"{RANKS[r]} ({n} steps)" for r, n in to_train))
+                  + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
+                                for r, n, c in to_train))
         stop = catch_stop_signals()
         prev_path = None
         with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
-            for level, steps in to_train:
+            for level, steps, cool in to_train:
                 path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
                 if os.path.exists(path):
                     check_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path, cfg, taxonomy,
                                      resuming=False)
                     if rank == 0:
                         print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
-                elif signum := train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, rank, world,
-                                           stop):
+                elif signum := train_stage(cfg, level, steps, cool, stages, dataset, taxonomy, prev_path, log, rank,
+                                           world, stop):
                     raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
                 prev_path = path
     finally:

@@ -52,7 +52,7 @@ def test_report_averages_over_seeds(tmp_path):
     paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
     lines = (tmp_path / "table.md").read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ")][1:]
-    assert rows[0] == "| progressive | 4 | null | 2 | 30.0 ± 10.0 | 50.0 ± 0.0 | 100.0 ± 0.0 | 15.0 ± 5.0 | - | - |"
+    assert rows[0] == "| progressive | 4 | null | 2 | 30.0 ± 10.0 | - | - | 50.0 ± 0.0 | 100.0 ± 0.0 | 15.0 ± 5.0 | - | - |"
     assert rows[3].startswith("| progressive (random init) | 4 | null | 1 | 60.0 ± 0.0 |")
     assert rows[6].startswith("| progressive (unet frozen) | 4 | null | 1 | 10.0 ± 0.0 |")
     assert rows[9].startswith("| flat | 4 | null | 1 | 30.0 ± 0.0 |")
@@ -60,7 +60,7 @@ def test_report_averages_over_seeds(tmp_path):
     assert rows[11].startswith("| flat (p_cut 0) | 4 | null | 1 | 90.0 ± 0.0 |")
     assert "| progressive (random init) | 60.0 ± 0.0 | - |" in lines and "| progressive | 30.0 ± 10.0 | - |" in lines
     # the claims, paired by seed with the base flags: only seed 0 has both a progressive and a flat run
-    assert "| 4 | - | - | -10.0 ± 0.0 (1) | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
+    assert "| 4 | - | - | -10.0 ± 0.0 (1) | - | +0.0 ± 0.0 (2) | +0.0 ± 0.0 (2) |" in lines
     # each variant against the base progressive cell of the same seed (flat: seed 0 only)
     assert "| progressive | 4 | 2 | 30.0 ± 10.0 |  | 50.0 | 100.0 |" in lines
     assert "| progressive (unet frozen) | 4 | 1 | 10.0 ± 0.0 | -10.0 ± 0.0 (1) | 50.0 | 100.0 |" in lines
@@ -79,3 +79,22 @@ def test_guidance_table_from_the_sweep(tmp_path):
     assert "| schedule | k | scale 1 | scale 3 | scale 5 |" in lines
     assert "| progressive | 4 | 30.0 ± 10.0 (2) | 60.0 ± 10.0 (2) | 80.0 ± 0.0 (1) |" in lines
     assert paper_claims.guidance_table(str(tmp_path / "flat-k4-s0")) == ""
+
+
+def test_rare_and_common_species_of_a_long_tail(tmp_path):
+    """pairs:64/4: the rare sibling of every genus is scored apart, and the rare-species claim is paired by seed."""
+    counts = paper_claims.species_counts("pairs:64/4", 0)
+    assert sorted(set(counts)) == [4, 64] and counts.count(4) == 24
+    for schedule, rare_right in (("progressive", 0.75), ("flat", 0.25)):
+        c = paper_claims.Cell(schedule, "none", "zero", 0.1, 0.2, paper_claims.STAGE_STEPS, "pairs:64/4", 0)
+        right = [rare_right if n == 4 else 1.0 for n in counts]  # per species, in toy_species() order
+        folder = tmp_path / paper_claims.cell_name(c)
+        folder.mkdir()
+        scores = {"null": {"species": sum(right) / 48, "genus": 1.0, "family": 1.0, "per_species": right}}
+        (folder / "result.json").write_text(json.dumps({**c._asdict(), "scores": scores, "train_counts": counts}))
+    assert paper_claims.cell_name(c) == "flat-kpairs64-4-s0"
+    paper_claims.report(SimpleNamespace(out=str(tmp_path), figure=str(tmp_path / "fig.png")))
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert "| progressive | pairs:64/4 | null | 1 | 87.5 ± 0.0 | 75.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 " \
+           "| - | - | - |" in lines
+    assert "| pairs:64/4 | - | - | +25.0 ± 0.0 (1) | +50.0 ± 0.0 (1) | - | - |" in lines

@@ -20,17 +20,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_every_schedule_trains_as_many_steps():
+def test_every_schedule_trains_as_many_steps_and_cools_down_as_long():
     plan = [2, 3, 4, 5, 6]  # class .. species
-    cfg = train.TrainConfig()
-    assert train.schedule_stages(cfg, plan) == [(2, 200), (3, 200), (4, 600), (5, 800), (6, 1800)]
+    cfg = train.TrainConfig()  # --cooldown 0.3 of the last stage's 1,800 steps: 540, in every schedule
+    assert train.schedule_stages(cfg, plan) == [(2, 200, 0), (3, 200, 0), (4, 600, 0), (5, 800, 0), (6, 1800, 540)]
     for schedule in ["all", "random", "flat"]:
-        assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 3600)]
-    assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7), plan) == [(6, 35)]
-    two = train.TrainConfig(stage_steps="100,200")  # the last number repeats
-    assert train.schedule_stages(two, plan) == [(2, 100), (3, 200), (4, 200), (5, 200), (6, 200)]
+        assert train.schedule_stages(train.TrainConfig(schedule=schedule), plan) == [(6, 3600, 540)]
+    assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7, cooldown=0), plan) == [(6, 35, 0)]
+    two = train.TrainConfig(stage_steps="100,200", cooldown=0.5)  # the last number repeats
+    assert train.schedule_stages(two, plan) == [(2, 100, 0), (3, 200, 0), (4, 200, 0), (5, 200, 0), (6, 200, 100)]
     deeper = [0, 1, 2, 3, 4, 5, 6]  # kingdom .. species
-    assert [n for _, n in train.schedule_stages(cfg, deeper)] == [200, 200, 600, 800, 1800, 1800, 1800]
+    assert [n for _, n, _ in train.schedule_stages(cfg, deeper)] == [200, 200, 600, 800, 1800, 1800, 1800]
 
 
 def test_bad_stage_steps_is_one_line(tmp_path, capsys):

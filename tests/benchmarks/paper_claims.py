@@ -1,18 +1,21 @@
 """
 Does progressive training help? The paper's three claims, tested on the toy tree.
 
-    python tests/benchmarks/paper_claims.py --parallel 2 --no-fid   # the grid: 2 h 13 min on 2 CPU cores; resumes
+    python tests/benchmarks/paper_claims.py --parallel 2 --no-fid   # the grid: ~30 min a cell on 2 CPU cores; resumes
     python tests/benchmarks/paper_claims.py --schedules progressive --freeze unet new-rank --k 4   # freezing policies
     python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
     python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far
     python tests/benchmarks/paper_claims.py --schedules progressive --no-fid --guidance-sweep 1 2 3 5   # no training
     python tests/benchmarks/paper_claims.py --schedules progressive flat --k 4 --p-cut 0 0.4 --no-fid   # dropout rates
 
-The grid is schedule x images per species k x seed:
+The grid is schedule x images per species k x seed, at train.py's default budget
+(the small UNet, its default stage steps and cool-down):
 - schedule: progressive (coarse to fine, the paper), all (every rank from step 0),
   random (each example cut at a random rank), flat (species ids only),
-  all with the same network and the same total number of optimizer steps;
-- k in {4, 16, 64}: claim 2 says progressive helps most when k is small;
+  all with the same network, the same total number of optimizer steps and the same cool-down;
+- k: images per species, a count (4: few-shot) or a long tail (pairs:64/4, a rich and a rare
+  sibling in every genus; see taxonomy.species_counts): claim 2 says progressive helps most
+  where a species has few images, so the tables give the rare species' accuracy apart;
 - seeds {0, 1, 2}: a cell is a mean ± std over seeds, never one lucky seed.
 Variants of a cell's training flags are one cell each: --freeze and --new-rank-init
 (progressive only), --p-uncond, --p-cut and --stage-steps (every schedule).
@@ -31,6 +34,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,13 +48,13 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
-from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
+from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset  # noqa: E402
 
 SCHEDULES = ("progressive", "all", "random", "flat")
 NEGATIVES = ("null", "parent", "root")
 FREEZES = ("none", "unet", "new-rank")
 INITS = ("zero", "random")
-STAGE_STEPS = "100,100,200,250,350"  # the grid's stage lengths: 1,000 steps, the shape of an earlier train.py default
+STAGE_STEPS = "200,200,600,800,1800"  # train.py's default stage lengths (an earlier grid used 100,100,200,250,350)
 
 # A cell is one trained model. Everything but k and the seed is its variant: the schedule, and the train.py
 # flags the grid varies (the freezing policy and new-rank init only for progressive; the dropout rates
@@ -72,7 +76,8 @@ def cell_name(cell):
         + ("" if c.p_uncond == BASE["p_uncond"] else f"+puncond{c.p_uncond:g}") \
         + ("" if c.p_cut == BASE["p_cut"] else f"+pcut{c.p_cut:g}") \
         + ("" if c.stage_steps == STAGE_STEPS else f"+steps{c.stage_steps}")
-    return f"{c.schedule}{variant}-k{c.k}-s{c.seed}"
+    k = str(c.k).replace(":", "").replace("/", "-")  # pairs:64/4 -> pairs64-4, a folder name
+    return f"{c.schedule}{variant}-k{k}-s{c.seed}"
 
 
 def grid_cells(args):
@@ -119,7 +124,8 @@ def score_cell(args, folder, real, net, clf, clf_tax, guidance=None, negatives=N
         cf, pred = fid.classify(clf, images)
         feats = fid.inception_features(net, images, "torchmetrics", 50, args.device) if net else None
         acc = (pred == target).float().mean(0)
-        scores[neg] = {**{r: float(a) for r, a in zip(fid.EVAL_RANKS, acc)},
+        right = (pred[:, -1] == target[:, -1]).float().view(-1, args.n_per_species).mean(1)  # (48,) per species
+        scores[neg] = {**{r: float(a) for r, a in zip(fid.EVAL_RANKS, acc)}, "per_species": right.tolist(),
                        "classifier_fd": fid.frechet_distance(*fid.statistics(cf), *fid.statistics(real["clf"]))}
         if net:
             scores[neg]["fid"] = fid.frechet_distance(*fid.statistics(feats), *fid.statistics(real["inception"]))
@@ -155,7 +161,7 @@ def sweep_guidance(args, real, clf, clf_tax):
 def read_cell(result):
     """The Cell a result.json was trained as (cells from before a flag was varied have the base value)."""
     flags = {f: result.get(f, result.get("args", {}).get(f, BASE[f])) for f in BASE}
-    return Cell(schedule=result["schedule"], k=result["k"], seed=result["seed"], **flags)
+    return Cell(schedule=result["schedule"], k=str(result["k"]), seed=result["seed"], **flags)
 
 
 def guidance_table(out):
@@ -181,11 +187,16 @@ def guidance_table(out):
             "seeds (how many)\n\n" + "\n".join(lines) + "\n")
 
 
+def k_order(k):
+    """Counts by size (4 before 16), then the long-tailed trees."""
+    return (not k.isdigit(), int(k) if k.isdigit() else 0, k)
+
+
 def order(key):
     """Sort key of (variant, k, negative): the paper's schedule first, the base flags first, CFG first."""
     (schedule, freeze, init, p_uncond, p_cut, steps), k, neg = key
     return (SCHEDULES.index(schedule), FREEZES.index(freeze), INITS.index(init), steps != STAGE_STEPS, steps,
-            p_uncond != BASE["p_uncond"], p_uncond, p_cut != BASE["p_cut"], p_cut, k, NEGATIVES.index(neg))
+            p_uncond != BASE["p_uncond"], p_uncond, p_cut != BASE["p_cut"], p_cut, k_order(k), NEGATIVES.index(neg))
 
 
 def label(variant):
@@ -210,11 +221,11 @@ def report(args):
                 r = json.load(f)
             cell = read_cell(r)
             for neg, s in r["scores"].items():
-                results.setdefault((variant_of(cell), cell.k, neg), {})[cell.seed] = s
+                results.setdefault((variant_of(cell), cell.k, neg), {})[cell.seed] = {**s, **rare_common(r, s)}
     if not results:
         print("no finished cells yet")
         return
-    cols = ["species", "genus", "family", "classifier_fd", "fid", "kid"]
+    cols = ["species", "rare", "common", "genus", "family", "classifier_fd", "fid", "kid"]
     lines = ["| schedule | k | negative | seeds | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
     for (variant, k, neg), by_seed in sorted(results.items(), key=lambda item: order(item[0])):
         runs = list(by_seed.values())
@@ -223,7 +234,7 @@ def report(args):
             v = np.array([r[c] for r in runs if c in r])
             if len(v) == 0:
                 cells_txt.append("-")
-            elif c in fid.EVAL_RANKS:
+            elif c in fid.EVAL_RANKS or c in ("rare", "common"):
                 cells_txt.append(f"{100 * v.mean():.1f} ± {100 * v.std():.1f}")
             elif c == "kid":
                 cells_txt.append(f"{1e3 * v.mean():.2f} ± {1e3 * v.std():.2f}")
@@ -243,10 +254,10 @@ def report(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, 0, "null"))):
-        ks = sorted(key[1] for key in results if key[0] == variant and key[2] == "null")
+    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, "0", "null"))):
+        ks = sorted(int(key[1]) for key in results if key[0] == variant and key[2] == "null" and key[1].isdigit())
         if len(ks) > 1:  # a line per variant trained at several k; the others are in the variants table
-            acc = [np.array([r["species"] for r in results[(variant, k, "null")].values()]) * 100 for k in ks]
+            acc = [np.array([r["species"] for r in results[(variant, str(k), "null")].values()]) * 100 for k in ks]
             ax.errorbar(ks, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3,
                         label=label(variant))
     ax.set_xscale("log", base=2)
@@ -259,11 +270,22 @@ def report(args):
     print(f"-> {os.path.join(args.out, 'table.md')}, {args.figure}")
 
 
+def rare_common(result, scores):
+    """Species accuracy of the rare and the common species of a long-tailed tree (rare: fewer training images
+    than the median species; pairs:64/4 -> the 4-image siblings); nothing for a balanced tree."""
+    counts, right = result.get("train_counts"), scores.get("per_species")
+    if not counts or not right or len(set(counts)) == 1:
+        return {}
+    counts, right = np.array(counts), np.array(right)
+    rare = counts < np.median(counts) if len(set(counts)) > 2 else counts == counts.min()
+    return {"rare": float(right[rare].mean()), "common": float(right[~rare].mean())}
+
+
 def species_table(results):
     """Species accuracy (%) with CFG, one row per schedule and variant, one column per k: the README's table."""
-    ks = sorted({key[1] for key in results})
+    ks = sorted({key[1] for key in results}, key=k_order)
     lines = ["| schedule | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---" * (1 + len(ks)) + "|"]
-    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, 0, "null"))):
+    for variant in sorted({key[0] for key in results}, key=lambda v: order((v, "0", "null"))):
         cols = []
         for k in ks:
             v = np.array([r["species"] for r in results.get((variant, k, "null"), {}).values()]) * 100
@@ -294,21 +316,28 @@ def variants_table(results):
 def claims(results):
     """The claims as paired differences of species accuracy (points): two cells with the same seed trained on
     the same images, so their difference cancels what the seed's images make easy or hard."""
-    def diffs(pairs):
-        d = [100 * (results[a][seed]["species"] - results[b][seed]["species"])
-             for a, b in pairs if a in results and b in results for seed in results[a] if seed in results[b]]
+    def diffs(pairs, score="species"):
+        d = [100 * (results[a][seed][score] - results[b][seed][score]) for a, b in pairs if a in results
+             and b in results for seed in results[a] if seed in results[b] and score in results[a][seed]]
         return f"{np.mean(d):+.1f} ± {np.std(d):.1f} ({len(d)})" if d else "-"
 
     base = lambda schedule, k, neg="null": ((schedule, *BASE.values()), k, neg)  # noqa: E731
-    head = ["progressive - all", "progressive - random", "progressive - flat", "root - null", "parent - null"]
+    head = ["progressive - all", "progressive - random", "progressive - flat", "(rare species)", "root - null",
+            "parent - null"]
     lines = ["| k | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
-    for k in sorted({key[1] for key in results}):
+    for k in sorted({key[1] for key in results}, key=k_order):
         cols = [diffs([(base("progressive", k), base(other, k))]) for other in ("all", "random", "flat")]
+        cols.append(diffs([(base("progressive", k), base("flat", k))], "rare"))
         for neg in ("root", "parent"):  # TaxaGuide against CFG, over every schedule that has a hierarchy
             cols.append(diffs([(base(s, k, neg), base(s, k)) for s in ("progressive", "all", "random")]))
         lines.append(f"| {k} | " + " | ".join(cols) + " |")
     return ("species accuracy differences in points, mean ± std over paired runs (how many); "
             "the guidance columns pool progressive, all and random\n\n" + "\n".join(lines) + "\n")
+
+
+def commit():
+    """The git commit the cell was trained with (the tables cite it)."""
+    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def run_cells(args, cells, real, net, clf, clf_tax):
@@ -331,35 +360,41 @@ def run_cells(args, cells, real, net, clf, clf_tax):
         scores = score_cell(args, folder, real, net, clf, clf_tax)
         print(f"    {name}: {t1 - t0:.0f} s training, {time.time() - t1:.0f} s "
               "scoring: " + ", ".join(f"{neg} species {s['species']:.1%}" for neg, s in scores.items()), flush=True)
+        counts = species_counts(cell.k, cell.seed)  # training images of each species, in toy_species() order
         with open(result + ".tmp", "w") as f:
-            json.dump({**cell._asdict(), "scores": scores,
+            json.dump({**cell._asdict(), "scores": scores, "train_counts": counts, "commit": commit(),
                        "args": vars(args), "train_s": t1 - t0, "score_s": time.time() - t1}, f, indent=1)
         os.replace(result + ".tmp", result)
+        if args.results:  # the scores (never the checkpoints) where git can keep them
+            os.makedirs(os.path.join(args.results, name), exist_ok=True)
+            shutil.copy(result, os.path.join(args.results, name, "result.json"))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    p.add_argument("--schedules", nargs="+", default=["progressive", "flat"], choices=SCHEDULES,
+                   help="training schedules, one cell each (progressive and flat first: the largest gap)")
     p.add_argument("--freeze", nargs="+", default=["none"], choices=FREEZES,
                    help="freezing policies of the progressive cells (train.py --freeze); one cell each")
     p.add_argument("--new-rank-init", nargs="+", default=["zero"], choices=INITS,
                    help="how the progressive cells' new rank tables start (train.py --new-rank-init); one cell each")
-    p.add_argument("--k", type=int, nargs="+", default=[4, 16, 64], help="training images per species")
+    p.add_argument("--k", nargs="+", default=["4", "pairs:64/4"],
+                   help="train.py --per-species: images per species (4), or a long tail (pairs:64/4, zipf:64)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", default="tiny", help="UNet size (unet.SIZES)")
+    p.add_argument("--size", default="small", help="UNet size (unet.SIZES)")
     p.add_argument("--stage-steps", nargs="+", default=[STAGE_STEPS],
-                   help="train.py --stage-steps, one cell each; the one-stage schedules train the sum (default: 1,000 "
-                        "steps, the shape of train.py's earlier default 300,300,600,800,1400 at 0.3x the length)")
+                   help="train.py --stage-steps, one cell each; the one-stage schedules train the sum "
+                        "(default: train.py's, 3,600 steps)")
     p.add_argument("--p-uncond", type=float, nargs="+", default=[BASE["p_uncond"]],
                    help="train.py --p-uncond (the whole lineage dropped), one cell each")
     p.add_argument("--p-cut", type=float, nargs="+", default=[BASE["p_cut"]],
                    help="train.py --p-cut (the lineage cut at a coarser rank), one cell each")
-    p.add_argument("--cooldown", type=float, default=0.0,
-                   help="train.py --cooldown; 0 (a constant learning rate) is the recipe the grid was measured with")
+    p.add_argument("--cooldown", type=float, default=0.3,
+                   help="train.py --cooldown: the same number of decaying steps in every schedule (train.py's default)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
                    help="no training: score the finished cells of the selected grid at these scales (CFG)")
-    p.add_argument("--n-per-species", type=int, default=4, help="generated images per species and negative")
+    p.add_argument("--n-per-species", type=int, default=8, help="generated images per species and negative")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--seed-sampling", type=int, default=0)
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID (no Inception weights, or to save time)")
@@ -369,12 +404,14 @@ def main():
     p.add_argument("--quick", action="store_true", help="k = 4, one seed, 20 steps per stage: a pipeline check")
     p.add_argument("--report", action="store_true", help="only write the table and figure")
     p.add_argument("--out", default=os.path.join("out", "claims"))
+    p.add_argument("--results", default=os.path.join(ROOT, "tests", "benchmarks", "results", "claims"),
+                   help="each finished cell's result.json is copied here (committed; --report --out reads it)")
     p.add_argument("--figure", default=None, help="default: <out>/species_vs_k.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.quick:
-        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = [4], [0], ["20"], 1, 5
-        args.out = os.path.join(args.out, "quick")
+        args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = ["4"], [0], ["20"], 1, 5
+        args.out, args.results = os.path.join(args.out, "quick"), None
     args.figure = args.figure or os.path.join(args.out, "species_vs_k.png")
     os.makedirs(args.out, exist_ok=True)
     if args.report:

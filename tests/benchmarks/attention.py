@@ -11,9 +11,14 @@ SDPA-efficient (a backend that does not support a shape prints '-'). Then UNet
 training steps per second with each attention implementation, and with
 channels-last convolutions, at the default run's shape and at larger ones.
 FLOPs: forward 4*B*H*N*M*d, backward 2.5x the forward (the FlashAttention convention).
+Every table is printed as markdown; the first line names the command, the commit and the GPU.
+
+TF32: the UNet step table turns on TF32 for matmuls and convolutions, so its fp32
+rows are "fp32 with TF32"; train.py does not enable TF32 for matmuls.
 """
 import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -34,6 +39,16 @@ SHAPES = [
     ("standard B4 H16 N4096 d64", 4, 16, 4096, 4096, 64, torch.bfloat16),
     ("standard, fp16", 4, 16, 4096, 4096, 64, torch.float16),
 ]
+
+
+def commit():
+    """The short hash of the checked-out commit (with '+changes' when the tree differs), for the table's caption."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "an unknown commit") + ("+changes" if git("status", "--porcelain") else "")
+    except OSError:  # no git
+        return "an unknown commit"
 
 
 def sdpa(backend):
@@ -84,9 +99,15 @@ def check(B, H, N, M, d, dtype):
                for a, b in zip((out, *grads), (ref, *ref_grads)))
 
 
+def markdown_header(*columns):
+    """The first two lines of a markdown table."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def attention_table():
-    print(f"{'shape':28s} {'max err':>8s} | " + " | ".join(f"{n:>16s}" for n in IMPLS))
-    print(f"{'':28s} {'':>8s} | " + " | ".join(f"{'fwd  fwd+bwd':>16s}" for _ in IMPLS))
+    print("\nTFLOP/s, forward / forward+backward ('-' = the backend does not support this shape)\n")
+    markdown_header("shape (B, H, N, M, d)", "dtype", "max err", *IMPLS)
     for name, B, H, N, M, d, dtype in SHAPES:
         err = check(min(B, 4), H, N, M, d, dtype)
         q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, requires_grad=True) for n in (N, M, M))
@@ -95,10 +116,9 @@ def attention_table():
         cells = []
         for fn in IMPLS.values():
             r = measure(fn, q, k, v, do)
-            cells.append(f"{'-':>16s}" if r is None else
-                         f"{flops / r[0] / 1e9:7.1f} {3.5 * flops / r[1] / 1e9:8.1f}")
-        print(f"{name:28s} {err:8.1e} | " + " | ".join(cells), flush=True)
-    print("(TFLOP/s; '-' = backend does not support this shape)")
+            cells.append("-" if r is None else f"{flops / r[0] / 1e9:.1f} / {3.5 * flops / r[1] / 1e9:.1f}")
+        print(f"| {name} ({B}, {H}, {N}, {M}, {d}) | {str(dtype).split('.')[-1]} | {err:.1e} | "
+              + " | ".join(cells) + " |", flush=True)
 
 
 def sweep():
@@ -108,16 +128,18 @@ def sweep():
     do = torch.randn_like(q)
     flops = 4 * B * H * N * M * d
     original = unet._blocks
+    print("\nblock sizes at the standard shape (bf16), TFLOP/s\n")
+    markdown_header("BLOCK_N", "BLOCK_M", "warps", "stages", "fwd", "fwd+bwd")
     for bn, bm, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                   (128, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]:
         unet._blocks = lambda N_, M_, D_: dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=max(16, D_),
                                                num_warps=warps, num_stages=stages)
         try:
             fwd, both = measure(flash_attention, q, k, v, do)
-            print(f"BLOCK_N {bn:3d} BLOCK_M {bm:3d} warps {warps} stages {stages}: "
-                  f"fwd {flops / fwd / 1e9:6.1f}  fwd+bwd {3.5 * flops / both / 1e9:6.1f} TFLOP/s", flush=True)
+            print(f"| {bn} | {bm} | {warps} | {stages} | {flops / fwd / 1e9:.1f} | {3.5 * flops / both / 1e9:.1f} |",
+                  flush=True)
         except Exception as e:  # e.g. out of shared memory
-            print(f"BLOCK_N {bn} BLOCK_M {bm} warps {warps} stages {stages}: {type(e).__name__}")
+            print(f"| {bn} | {bm} | {warps} | {stages} | {type(e).__name__} | |")
     unet._blocks = original
 
 
@@ -138,8 +160,8 @@ def unet_sweep():
                (64, 64, 4, 2, 512), (64, 32, 4, 3, 512), (64, 64, 4, 3, 128), (64, 64, 4, 3, 256),
                (64, 64, 4, 3, 1024), (32, 64, 4, 3, 1024)]
     print("\nlaunch configurations at the UNet's shapes (fwd / fwd+bwd TFLOP/s); "
-          f"dispatch now: {original(1024, 8, 32)} and BACKWARD_PROGRAMS {programs}")
-    print(f"{'BLOCK_N, BLOCK_M, warps, stages, programs':42s} | " + " | ".join(f"{n[:22]:>22s}" for n, *_ in UNET_SHAPES))
+          f"dispatch now: {original(1024, 8, 32)} and BACKWARD_PROGRAMS {programs}\n")
+    markdown_header("BLOCK_N, BLOCK_M, warps, stages, programs", *(n for n, *_ in UNET_SHAPES))
     for bn, bm, warps, stages, progs in configs:
         set_blocks(bn, bm, warps, stages)
         unet.BACKWARD_PROGRAMS = progs
@@ -150,10 +172,10 @@ def unet_sweep():
             flops = 4 * B * H * N * M * d
             try:
                 fwd, both = measure(flash_attention, q, k, v, do)
-                cells.append(f"{flops / fwd / 1e9:10.1f} {3.5 * flops / both / 1e9:11.1f}")
+                cells.append(f"{flops / fwd / 1e9:.1f} / {3.5 * flops / both / 1e9:.1f}")
             except Exception as e:  # e.g. out of shared memory
-                cells.append(f"{type(e).__name__[:22]:>22s}")
-        print(f"{str((bn, bm, warps, stages, progs)):42s} | " + " | ".join(cells), flush=True)
+                cells.append(type(e).__name__)
+        print(f"| {bn}, {bm}, {warps}, {stages}, {progs} | " + " | ".join(cells) + " |", flush=True)
     unet._blocks, unet.BACKWARD_PROGRAMS = original, programs
 
 
@@ -161,8 +183,8 @@ def overhead(calls=200):
     """Is a forward+backward at the UNet's shapes bound by the GPU or by the CPU that launches it?
     Prints the GPU time per call (CUDA events) next to the CPU time to issue one call."""
     import time
-    print("\nforward+backward per call, microseconds: GPU time (do_bench) / CPU time to launch")
-    print(f"{'shape':28s} | " + " | ".join(f"{n:>16s}" for n in IMPLS))
+    print("\nforward+backward per call, microseconds: GPU time (do_bench) / CPU time to launch\n")
+    markdown_header("shape", *IMPLS)
     for name, B, H, N, M, d, dtype in UNET_SHAPES:
         q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=dtype, requires_grad=True) for n in (N, M, M))
         do = torch.randn(B, H, N, d, device="cuda", dtype=dtype)
@@ -179,17 +201,21 @@ def overhead(calls=200):
                     step()
                 cpu = (time.perf_counter() - t0) / calls * 1e6
                 torch.cuda.synchronize()
-                cells.append(f"{gpu:7.0f} {cpu:8.0f}")
+                cells.append(f"{gpu:.0f} / {cpu:.0f}")
             except RuntimeError:
-                cells.append(f"{'-':>16s}")
-        print(f"{name:28s} | " + " | ".join(cells), flush=True)
+                cells.append("-")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+STEP_VARIANTS = ("Triton kernel", "reference", "SDPA", "SDPA + channels-last")
 
 
 def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
     """Training steps per second of the default UNet with each attention implementation: our kernel,
     the plain reference, SDPA (PyTorch picks its backend), and SDPA with channels-last convolutions
-    (what model.to_device does on a CPU). Median of rounds that alternate them. dtype float32 = fp32
-    weights with TF32 matmuls, as train.py runs without --amp; bfloat16 = autocast, as with --amp."""
+    (what model.to_device does on a CPU); one markdown row, in STEP_VARIANTS' order. Median of rounds
+    that alternate them. dtype float32 = fp32 weights with TF32 matmuls and convolutions turned on here
+    (train.py leaves matmuls at full fp32: it does not enable TF32); bfloat16 = autocast, as with --amp."""
     import statistics
     reference = unet.attention_reference
     sdpa_any = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
@@ -220,8 +246,9 @@ def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
     for _ in range(rounds):
         for name, step in steps.items():
             ms[name].append(bench_ms(step))
-    print(f"UNet {size}x{size} batch {batch} {str(dtype).split('.')[-1]}, steps/s: " +
-          ", ".join(f"{name} {1000 / statistics.median(v):.1f}" for name, v in ms.items()), flush=True)
+    precision = "fp32 with TF32" if dtype == torch.float32 else str(dtype).split(".")[-1]
+    print(f"| {size}x{size}, batch {batch}, {precision} | " +
+          " | ".join(f"{1000 / statistics.median(v):.1f}" for v in ms.values()) + " |", flush=True)
 
 
 if __name__ == "__main__":
@@ -234,7 +261,7 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU; on the CPU the UNet uses the PyTorch reference attention")
         sys.exit(0)
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(f"`python {' '.join(sys.argv)}` on {commit()}: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if not args.steps_only:
         attention_table()
     if args.sweep:
@@ -244,6 +271,8 @@ if __name__ == "__main__":
     if args.overhead:
         overhead()
     # the default run's shape (fp32, batch 32), then more work per step: bf16, larger batches and images
+    print("\nUNet training steps/s, the median of 3 rounds that alternate the variants\n")
+    markdown_header("UNet step", *STEP_VARIANTS)
     for batch, size, dtype in [(32, 32, torch.float32), (64, 32, torch.bfloat16), (64, 64, torch.bfloat16),
                                (256, 64, torch.bfloat16), (256, 64, torch.float32)]:
         unet_steps(batch, size, dtype)

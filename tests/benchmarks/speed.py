@@ -5,6 +5,10 @@ How fast is our UNet against what a reader would otherwise pick, at the same siz
     python tests/benchmarks/speed.py --repeats 1      # a first look, about 6 min
     python tests/benchmarks/speed.py --device cuda    # the same on a GPU (fp32 weights, TF32 matmuls)
 
+On a GPU this script turns on TF32 for matmuls and convolutions; train.py does not enable TF32
+for matmuls, so its fp32 steps may be slower than this table's. The table is printed as markdown,
+after a line that names the command and the commit.
+
 The peers, used only if they are installed (this script installs nothing):
 
     pip install diffusers denoising-diffusion-pytorch
@@ -45,6 +49,16 @@ from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 
 SIZE, CONTEXT_DIM = 32, 128  # the toy tree's images; our default context width
+
+
+def commit():
+    """The short hash of the checked-out commit (with '+changes' when the tree differs), for the table's caption."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    try:
+        return (git("rev-parse", "--short", "HEAD") or "an unknown commit") + ("+changes" if git("status", "--porcelain") else "")
+    except OSError:  # no git
+        return "an unknown commit"
 
 
 def toy_ids():
@@ -202,8 +216,9 @@ def main():
     ids_all, vocab_sizes = toy_ids()
     diffusion = Diffusion(DiffusionConfig()).to(device)
     models = build_models(vocab_sizes, device)
+    print(f"`python {' '.join(sys.argv)}` on {commit()}")
     print(f"{device}: {torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}, "
-          f"torch {torch.__version__}, {SIZE}x{SIZE}, fp32")
+          f"torch {torch.__version__}, {SIZE}x{SIZE}, fp32{' with TF32 matmuls' if device == 'cuda' else ''}")
     for m in models:
         print(f"  {m.name:10s} {n_params(m) / 1e6:.2f} M parameters")
 

@@ -50,8 +50,368 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from model import Diffusion, DiffusionConfig, guided_eps_fn, load_checkpoint
+from model import Diffusion, DiffusionConfig, finest_checkpoint, guided_eps_fn, load_checkpoint
 from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, toy_dataset
+
+# -----------------------------------------------------------------------------
+# Statistics and the two distances (the Inception features they take: see the appendix)
+
+
+def statistics(features):
+    """features (N, d) -> (mu (d,), Sigma (d, d)) in float64, Sigma unbiased (divides by N - 1)."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def sqrtm_real(a):
+    """scipy's matrix square root of a, or None when it is not finite or has an imaginary part above 1e-3.
+
+    The product of two covariances has a real square root; rounding adds a tiny
+    imaginary part, which is dropped. Above pytorch-fid's tolerance 1e-3 the
+    root cannot be trusted.
+    """
+    with warnings.catch_warnings():  # scipy warns about singular input; the checks here handle it
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(a)
+    if not np.isfinite(root).all():
+        return None
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            return None
+        root = root.real
+    return root
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)), the Frechet distance of two Gaussians.
+
+    (Sigma1 Sigma2)^(1/2) is scipy's matrix square root (see sqrtm_real). With
+    fewer images than dimensions both Sigmas are singular, and the root can come
+    back inf, nan or with a large imaginary part: then both Sigmas get eps * I
+    added and the root is taken again. (pytorch-fid retries only on inf or nan,
+    and stops on the imaginary part; where it gives a number, this gives the same.)
+    If even that root is not real, the statistics are broken, and we say so.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    covmean = sqrtm_real(sigma1 @ sigma2)
+    if covmean is None:  # inf, nan or a large imaginary part: singular covariances, as with few images
+        offset = np.eye(len(sigma1)) * eps
+        covmean = sqrtm_real((sigma1 + offset) @ (sigma2 + offset))
+        if covmean is None:
+            raise ValueError("the square root of the covariances' product is not real even with an eps offset: "
+                             "the statistics are not valid covariances")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(f1, f2, subsets=100, subset_size=None, seed=0):
+    """KID: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over random subsets.
+
+    subset_size defaults to 1000 (torchmetrics' and torch-fidelity's default), or
+    to half the smaller set when it has fewer than 2000 images, so that the
+    subsets differ and the std says something.
+
+    For one subset of m rows from each set, with K the kernel matrices:
+        MMD^2 = (sum K11 - tr K11 + sum K22 - tr K22) / (m (m - 1)) - 2 sum K12 / m^2
+    """
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    m = subset_size or max(2, min(1000, min(len(f1), len(f2)) // 2))
+    m = min(m, len(f1), len(f2))
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    mmds = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]  # (m, d)
+        y = f2[rng.choice(len(f2), m, replace=False)]  # (m, d)
+        kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]  # (m, m) each
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        mmds.append(mmd)
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def save_statistics(path, mu, sigma):
+    """An .npz with mu and sigma, the layout pytorch-fid reads and writes."""
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+def load_statistics(path):
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path}: an .npz of FID statistics needs arrays 'mu' and 'sigma', found {list(f)}")
+        return f["mu"], f["sigma"]
+
+
+# -----------------------------------------------------------------------------
+# Taxonomic accuracy: a small CNN that names the class, order, family, genus
+# and species of a toy tree image. Trained once on real toy images (a seed
+# the diffusion model never saw) and cached in out/.
+
+EVAL_RANKS = RANKS[2:]  # class .. species: kingdom and phylum are the same for every toy species
+CLASSIFIER_SEED = 1000  # toy images the classifier learns from
+REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
+
+
+class TaxonClassifier(nn.Module):
+    """Images in [-1, 1], (B, 3, H, W) -> (features (B, 256), logits per rank [(B, V_r) for class..species])."""
+
+    def __init__(self, vocab_sizes, image_size=32, width=32):
+        super().__init__()
+
+        def block(cin, cout):  # a 3x3 conv, then halve the resolution
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # (B, 4w * 4 * 4): keeps where a trait is
+                                  nn.Linear(4 * width * 16, 256), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(256, vocab_sizes[RANKS.index(r)]) for r in EVAL_RANKS])
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, [head(f) for head in self.heads]
+
+
+def rank_targets(taxonomy, lineages):
+    """Lineages (names) -> ids (N, len(EVAL_RANKS)) in the classifier's vocabulary."""
+    ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
+    return ids[:, 2:]
+
+
+def train_classifier(image_size=32, per_species=100, epochs=4, batch_size=128, seed=CLASSIFIER_SEED, log=print):
+    """Train the taxon classifier on freshly rendered toy images; returns (model, taxonomy)."""
+    torch.manual_seed(seed)
+    images, lineages = toy_dataset(per_species, image_size, seed)
+    taxonomy = Taxonomy(lineages)
+    y = rank_targets(taxonomy, lineages)  # (N, 5)
+    model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps = epochs * (len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        if step % (len(images) // batch_size) == 0:
+            order = torch.randperm(len(images))
+        i = order[(step % (len(images) // batch_size)) * batch_size:][:batch_size]
+        x = images[i].float() / 127.5 - 1
+        x = torch.where(torch.rand(len(i), 1, 1, 1) < 0.5, x.flip(-1), x)  # flips: the diffusion model learned them
+        _, logits = model(x)
+        loss = sum(F.cross_entropy(l, y[i, r]) for r, l in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"classifier step {step}/{steps}: loss {loss.item():.4f}")
+    return model.eval(), taxonomy
+
+
+def toy_targets(clf_tax, taxonomy, ids):
+    """What each image should show: the toy lineage of its finest conditioned taxon, in the classifier's ids.
+
+    Found by the taxon's name, so a model that was given the species alone (train.py --schedule flat)
+    is still scored at every rank above it. ids (N, R) in `taxonomy` -> (N, len(EVAL_RANKS)).
+    """
+    by_name = {}
+    for lin in clf_tax.lineages():
+        for r, name in enumerate(lin):
+            if name:
+                by_name[r, name] = [n if q <= r else None for q, n in enumerate(lin)]
+    targets = []
+    for row in ids.tolist():
+        r = max(q for q, j in enumerate(row) if j)  # the finest conditioned rank
+        targets.append(by_name[r, taxonomy.vocab[r][row[r]]])
+    return rank_targets(clf_tax, targets)
+
+
+@torch.no_grad()
+def classify(model, images, batch_size=256):
+    """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(EVAL_RANKS)))."""
+    feats, preds = [], []
+    for i in range(0, len(images), batch_size):
+        f, logits = model(images[i:i + batch_size].float() / 127.5 - 1)
+        feats.append(f.double())
+        preds.append(torch.stack([l.argmax(1) for l in logits], 1))
+    return torch.cat(feats).numpy(), torch.cat(preds)
+
+
+def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
+    """The cached classifier for this image size, trained (under a minute on CPU) if there is none."""
+    if os.path.exists(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt["image_size"] == image_size and ckpt["seed"] == CLASSIFIER_SEED:
+            taxonomy = Taxonomy(ckpt["lineages"])
+            model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
+            model.load_state_dict(ckpt["model"])
+            return model.eval(), taxonomy
+        log(f"{path} was trained for {ckpt['image_size']} px images; training a new one for {image_size} px")
+    log(f"training the taxon classifier on toy images ({image_size} px) -> {path}")
+    model, taxonomy = train_classifier(image_size, log=log)
+    images, lineages = toy_dataset(20, image_size, REAL_SEED)
+    _, pred = classify(model, images)
+    acc = (pred == rank_targets(taxonomy, lineages)).float().mean(0)  # (5,)
+    log("classifier held-out accuracy: " + ", ".join(f"{r} {a:.2%}" for r, a in zip(EVAL_RANKS, acc)))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"model": model.state_dict(), "lineages": taxonomy.lineages(), "image_size": image_size,
+                "seed": CLASSIFIER_SEED, "held_out_accuracy": acc.tolist()}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    return model, taxonomy
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a checkpoint: n images per taxon of its finest rank, for each
+# guidance scale, against as many real images; one markdown table.
+
+
+def to_uint8(x):
+    """Generated images in [-1, 1] -> uint8, exactly as saving them as PNG would."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.inference_mode()
+def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device):
+    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), DDIM with guidance scale `scale` (1 = off)."""
+    cfg = model.unet.cfg
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(ids), batch_size), desc=f"sampling (guidance {scale:g})", unit="batch", leave=False):
+        b = ids[i:i + batch_size].to(device)  # (b, R)
+        eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
+        x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
+                             generator=gen, device=device)
+        out.append(to_uint8(x[:, :3]).cpu())
+    return torch.cat(out)
+
+
+def evaluate_checkpoint(args):
+    model, ckpt = load_checkpoint(args.ckpt, args.device)
+    diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
+    taxonomy = Taxonomy(ckpt["lineages"])
+    level = RANKS.index(ckpt["level"])
+    root_level = RANKS.index(ckpt["stages"][0])
+    size = model.unet.cfg.image_size
+    toy = ckpt["train_config"].get("data", "toy") == "toy"
+    if not toy and args.real is None:
+        raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
+
+    # every taxon of the finest trained rank, n_per_taxon times: (N, R)
+    taxa = range(1, len(taxonomy.vocab[level]))  # id 0 is "unknown"
+    ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
+    n = len(ids)
+    print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
+          f"{args.steps} DDIM steps, --mode {args.mode}")
+
+    net = load_inception(args.inception, args.device)
+    rows = []  # (name, n, FID, KID, accuracies, classifier FD)
+    if toy:
+        clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
+        real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
+        real_f = inception_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)")
+        real_cf, _ = classify(clf, real_set)
+        ref, ref_lineages = toy_dataset(args.n_per_taxon, size, REAL_SEED + 1)  # ...and a second one: the floor
+        ref_f = inception_features(net, ref, args.mode, args.batch_size, args.device, "inception (real, 2nd set)")
+        ref_cf, ref_pred = classify(clf, ref)
+        acc = (ref_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
+        rows.append(("real toy images (a 2nd set)", len(ref), ref_f, acc, ref_cf))
+    else:
+        real_f = None
+        if str(args.real).endswith(".npz"):
+            real_mu, real_sigma = load_statistics(args.real)
+        else:
+            real_f = inception_features(net, load_folder(args.real), args.mode, args.batch_size, args.device)
+
+    for scale in args.guidance:
+        images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
+                          args.sample_batch_size, args.seed, args.device)
+        feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
+        acc, cf = None, None
+        if toy:
+            cf, pred = classify(clf, images)
+            target = toy_targets(clf_tax, taxonomy, ids)
+            acc = (pred == target).float().mean(0)
+            acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
+        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
+        rows.append((name, len(images), feats, acc, cf))
+
+    # one markdown table
+    head = ["images", "n", "FID", "KID x1e3"] + list(EVAL_RANKS) + ["classifier FD"]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, count, feats, acc, cf in rows:
+        if real_f is not None:
+            fd = frechet_distance(*statistics(feats), *statistics(real_f))
+            kid, kid_std = kernel_inception_distance(feats, real_f)
+            kid_s = f"{1e3 * kid:.2f} ± {1e3 * kid_std:.2f}"
+        else:
+            fd, kid_s = frechet_distance(*statistics(feats), real_mu, real_sigma), "-"
+        accs = ["-"] * len(EVAL_RANKS) if acc is None else ["-" if math.isnan(a) else f"{a:.1%}" for a in acc]
+        cfd = "-" if cf is None else f"{frechet_distance(*statistics(cf), *statistics(real_cf)):.2f}"
+        print(f"| {name} | {count} | {fd:.2f} | {kid_s} | " + " | ".join(accs) + f" | {cfd} |")
+    print(f"\nFID and KID against {len(real_f) if real_f is not None else 'saved statistics of'} real images; "
+          "accuracy = how often the taxon classifier names the conditioned taxon at each rank; "
+          "classifier FD = Frechet distance on the classifier's 256-d features (not FID).")
+
+
+def compare_sets(args):
+    """FID (and KID when both are images) between two folders or .npz statistics."""
+    net = None
+    stats, feats = [], []
+    for path in args.inputs:
+        if str(path).endswith(".npz"):
+            stats.append(load_statistics(path))
+            feats.append(None)
+            continue
+        if net is None:  # loaded only when there are images to look at
+            net = load_inception(args.inception, args.device)
+        f = inception_features(net, load_folder(path), args.mode, args.batch_size, args.device, f"inception ({path})")
+        stats.append(statistics(f))
+        feats.append(f)
+    if args.save_stats:
+        save_statistics(args.save_stats, *stats[0])
+        print(f"mu, sigma of {args.inputs[0]} ({args.mode} mode) -> {args.save_stats}")
+    if len(args.inputs) == 2:
+        print(f"FID: {frechet_distance(*stats[0], *stats[1]):.4f}")
+        if feats[0] is not None and feats[1] is not None:
+            kid, std = kernel_inception_distance(feats[0], feats[1])
+            print(f"KID: {kid:.6f} ± {std:.6f}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="two image folders or .npz files; or one checkpoint (.pt)")
+    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
+    p.add_argument("--n-per-taxon", type=int, default=10, help="images generated per taxon of the finest rank")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="one table row per scale; 1 = off")
+    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", default=None, help="real images (folder or .npz) for a checkpoint not trained on the toy tree")
+    p.add_argument("--mode", choices=MODES, default="torchmetrics", help="how images are resized to 299 (see preprocess)")
+    p.add_argument("--inception", default=None, help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--save-stats", default=None, help="write mu and sigma of the first input to this .npz")
+    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
+    p.add_argument("--sample-batch-size", type=int, default=64, help="sampling batch size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if len(args.inputs) == 1 and args.inputs[0].endswith(".pt"):
+        args.ckpt, args.inputs = args.inputs[0], []
+    if args.ckpt is None and not args.inputs:
+        args.ckpt = finest_checkpoint("out")
+    if args.inputs and (len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats)):
+        p.error("give two image folders or .npz files (or one with --save-stats), or one checkpoint")
+    return args
+
+
+def main(args):
+    if args.ckpt:
+        evaluate_checkpoint(args)
+    else:
+        compare_sets(args)
+
+
+# =============================================================================
+# Appendix: the Inception network of FID, its weights, how images reach it.
+# Everything above calls only load_inception and inception_features; a first read stops here.
+
 
 # -----------------------------------------------------------------------------
 # The FID Inception network (pool3 features, 2048-d). Module names follow
@@ -411,15 +771,6 @@ def preprocess(images, mode="torchmetrics"):
     raise ValueError(f"unknown --mode '{mode}': use one of {', '.join(MODES)}")
 
 
-def to_uint8(x):
-    """Generated images in [-1, 1] -> uint8, exactly as saving them as PNG would."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-# -----------------------------------------------------------------------------
-# Features, statistics and the two distances
-
-
 @torch.no_grad()
 def inception_features(net, images, mode="torchmetrics", batch_size=50, device="cpu", desc="inception"):
     """uint8 images (N, 3, H, W) -> float64 features (N, 2048), with a progress bar."""
@@ -428,93 +779,6 @@ def inception_features(net, images, mode="torchmetrics", batch_size=50, device="
         x = preprocess(images[i:i + batch_size].to(device), mode)
         feats.append(net(x).double().cpu())
     return torch.cat(feats).numpy()
-
-
-def statistics(features):
-    """features (N, d) -> (mu (d,), Sigma (d, d)) in float64, Sigma unbiased (divides by N - 1)."""
-    features = np.asarray(features, dtype=np.float64)
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def sqrtm_real(a):
-    """scipy's matrix square root of a, or None when it is not finite or has an imaginary part above 1e-3.
-
-    The product of two covariances has a real square root; rounding adds a tiny
-    imaginary part, which is dropped. Above pytorch-fid's tolerance 1e-3 the
-    root cannot be trusted.
-    """
-    with warnings.catch_warnings():  # scipy warns about singular input; the checks here handle it
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        root = scipy.linalg.sqrtm(a)
-    if not np.isfinite(root).all():
-        return None
-    if np.iscomplexobj(root):
-        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
-            return None
-        root = root.real
-    return root
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)), the Frechet distance of two Gaussians.
-
-    (Sigma1 Sigma2)^(1/2) is scipy's matrix square root (see sqrtm_real). With
-    fewer images than dimensions both Sigmas are singular, and the root can come
-    back inf, nan or with a large imaginary part: then both Sigmas get eps * I
-    added and the root is taken again. (pytorch-fid retries only on inf or nan,
-    and stops on the imaginary part; where it gives a number, this gives the same.)
-    If even that root is not real, the statistics are broken, and we say so.
-    """
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    covmean = sqrtm_real(sigma1 @ sigma2)
-    if covmean is None:  # inf, nan or a large imaginary part: singular covariances, as with few images
-        offset = np.eye(len(sigma1)) * eps
-        covmean = sqrtm_real((sigma1 + offset) @ (sigma2 + offset))
-        if covmean is None:
-            raise ValueError("the square root of the covariances' product is not real even with an eps offset: "
-                             "the statistics are not valid covariances")
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def kernel_inception_distance(f1, f2, subsets=100, subset_size=None, seed=0):
-    """KID: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over random subsets.
-
-    subset_size defaults to 1000 (torchmetrics' and torch-fidelity's default), or
-    to half the smaller set when it has fewer than 2000 images, so that the
-    subsets differ and the std says something.
-
-    For one subset of m rows from each set, with K the kernel matrices:
-        MMD^2 = (sum K11 - tr K11 + sum K22 - tr K22) / (m (m - 1)) - 2 sum K12 / m^2
-    """
-    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    m = subset_size or max(2, min(1000, min(len(f1), len(f2)) // 2))
-    m = min(m, len(f1), len(f2))
-    d = f1.shape[1]
-    rng = np.random.default_rng(seed)
-    mmds = []
-    for _ in range(subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]  # (m, d)
-        y = f2[rng.choice(len(f2), m, replace=False)]  # (m, d)
-        kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]  # (m, m) each
-        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
-        mmds.append(mmd)
-    return float(np.mean(mmds)), float(np.std(mmds))
-
-
-def save_statistics(path, mu, sigma):
-    """An .npz with mu and sigma, the layout pytorch-fid reads and writes."""
-    np.savez(path, mu=mu, sigma=sigma)
-
-
-def load_statistics(path):
-    with np.load(path) as f:
-        if "mu" not in f or "sigma" not in f:
-            raise ValueError(f"{path}: an .npz of FID statistics needs arrays 'mu' and 'sigma', found {list(f)}")
-        return f["mu"], f["sigma"]
 
 
 def load_folder(folder):
@@ -530,266 +794,6 @@ def load_folder(folder):
     if len(sizes) > 1:
         raise ValueError(f"{folder}: images of several sizes {sorted(sizes)[:3]}; resize them to one size first")
     return torch.stack(images)
-
-
-# -----------------------------------------------------------------------------
-# Taxonomic accuracy: a small CNN that names the class, order, family, genus
-# and species of a toy tree image. Trained once on real toy images (a seed
-# the diffusion model never saw) and cached in out/.
-
-EVAL_RANKS = RANKS[2:]  # class .. species: kingdom and phylum are the same for every toy species
-CLASSIFIER_SEED = 1000  # toy images the classifier learns from
-REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
-
-
-class TaxonClassifier(nn.Module):
-    """Images in [-1, 1], (B, 3, H, W) -> (features (B, 256), logits per rank [(B, V_r) for class..species])."""
-
-    def __init__(self, vocab_sizes, image_size=32, width=32):
-        super().__init__()
-
-        def block(cin, cout):  # a 3x3 conv, then halve the resolution
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
-        self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # (B, 4w * 4 * 4): keeps where a trait is
-                                  nn.Linear(4 * width * 16, 256), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(256, vocab_sizes[RANKS.index(r)]) for r in EVAL_RANKS])
-
-    def forward(self, x):
-        f = self.body(x)
-        return f, [head(f) for head in self.heads]
-
-
-def rank_targets(taxonomy, lineages):
-    """Lineages (names) -> ids (N, len(EVAL_RANKS)) in the classifier's vocabulary."""
-    ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
-    return ids[:, 2:]
-
-
-def train_classifier(image_size=32, per_species=100, epochs=4, batch_size=128, seed=CLASSIFIER_SEED, log=print):
-    """Train the taxon classifier on freshly rendered toy images; returns (model, taxonomy)."""
-    torch.manual_seed(seed)
-    images, lineages = toy_dataset(per_species, image_size, seed)
-    taxonomy = Taxonomy(lineages)
-    y = rank_targets(taxonomy, lineages)  # (N, 5)
-    model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * (len(images) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    model.train()
-    for step in range(steps):
-        if step % (len(images) // batch_size) == 0:
-            order = torch.randperm(len(images))
-        i = order[(step % (len(images) // batch_size)) * batch_size:][:batch_size]
-        x = images[i].float() / 127.5 - 1
-        x = torch.where(torch.rand(len(i), 1, 1, 1) < 0.5, x.flip(-1), x)  # flips: the diffusion model learned them
-        _, logits = model(x)
-        loss = sum(F.cross_entropy(l, y[i, r]) for r, l in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"classifier step {step}/{steps}: loss {loss.item():.4f}")
-    return model.eval(), taxonomy
-
-
-def toy_targets(clf_tax, taxonomy, ids):
-    """What each image should show: the toy lineage of its finest conditioned taxon, in the classifier's ids.
-
-    Found by the taxon's name, so a model that was given the species alone (train.py --schedule flat)
-    is still scored at every rank above it. ids (N, R) in `taxonomy` -> (N, len(EVAL_RANKS)).
-    """
-    by_name = {}
-    for lin in clf_tax.lineages():
-        for r, name in enumerate(lin):
-            if name:
-                by_name[r, name] = [n if q <= r else None for q, n in enumerate(lin)]
-    targets = []
-    for row in ids.tolist():
-        r = max(q for q, j in enumerate(row) if j)  # the finest conditioned rank
-        targets.append(by_name[r, taxonomy.vocab[r][row[r]]])
-    return rank_targets(clf_tax, targets)
-
-
-@torch.no_grad()
-def classify(model, images, batch_size=256):
-    """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(EVAL_RANKS)))."""
-    feats, preds = [], []
-    for i in range(0, len(images), batch_size):
-        f, logits = model(images[i:i + batch_size].float() / 127.5 - 1)
-        feats.append(f.double())
-        preds.append(torch.stack([l.argmax(1) for l in logits], 1))
-    return torch.cat(feats).numpy(), torch.cat(preds)
-
-
-def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
-    """The cached classifier for this image size, trained (under a minute on CPU) if there is none."""
-    if os.path.exists(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["image_size"] == image_size and ckpt["seed"] == CLASSIFIER_SEED:
-            taxonomy = Taxonomy(ckpt["lineages"])
-            model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
-            model.load_state_dict(ckpt["model"])
-            return model.eval(), taxonomy
-        log(f"{path} was trained for {ckpt['image_size']} px images; training a new one for {image_size} px")
-    log(f"training the taxon classifier on toy images ({image_size} px) -> {path}")
-    model, taxonomy = train_classifier(image_size, log=log)
-    images, lineages = toy_dataset(20, image_size, REAL_SEED)
-    _, pred = classify(model, images)
-    acc = (pred == rank_targets(taxonomy, lineages)).float().mean(0)  # (5,)
-    log("classifier held-out accuracy: " + ", ".join(f"{r} {a:.2%}" for r, a in zip(EVAL_RANKS, acc)))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"model": model.state_dict(), "lineages": taxonomy.lineages(), "image_size": image_size,
-                "seed": CLASSIFIER_SEED, "held_out_accuracy": acc.tolist()}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-    return model, taxonomy
-
-
-# -----------------------------------------------------------------------------
-# Evaluating a checkpoint: n images per taxon of its finest rank, for each
-# guidance scale, against as many real images; one markdown table.
-
-
-@torch.inference_mode()
-def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device):
-    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), DDIM with guidance scale `scale` (1 = off)."""
-    cfg = model.unet.cfg
-    gen = torch.Generator(device).manual_seed(seed)
-    out = []
-    for i in tqdm(range(0, len(ids), batch_size), desc=f"sampling (guidance {scale:g})", unit="batch", leave=False):
-        b = ids[i:i + batch_size].to(device)  # (b, R)
-        eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
-        x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
-                             generator=gen, device=device)
-        out.append(to_uint8(x[:, :3]).cpu())
-    return torch.cat(out)
-
-
-def evaluate_checkpoint(args):
-    model, ckpt = load_checkpoint(args.ckpt, args.device)
-    diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
-    taxonomy = Taxonomy(ckpt["lineages"])
-    level = RANKS.index(ckpt["level"])
-    root_level = RANKS.index(ckpt["stages"][0])
-    size = model.unet.cfg.image_size
-    toy = ckpt["train_config"].get("data", "toy") == "toy"
-    if not toy and args.real is None:
-        raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
-
-    # every taxon of the finest trained rank, n_per_taxon times: (N, R)
-    taxa = range(1, len(taxonomy.vocab[level]))  # id 0 is "unknown"
-    ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
-    n = len(ids)
-    print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
-          f"{args.steps} DDIM steps, --mode {args.mode}")
-
-    net = load_inception(args.inception, args.device)
-    rows = []  # (name, n, FID, KID, accuracies, classifier FD)
-    if toy:
-        clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
-        real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
-        real_f = inception_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)")
-        real_cf, _ = classify(clf, real_set)
-        ref, ref_lineages = toy_dataset(args.n_per_taxon, size, REAL_SEED + 1)  # ...and a second one: the floor
-        ref_f = inception_features(net, ref, args.mode, args.batch_size, args.device, "inception (real, 2nd set)")
-        ref_cf, ref_pred = classify(clf, ref)
-        acc = (ref_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
-        rows.append(("real toy images (a 2nd set)", len(ref), ref_f, acc, ref_cf))
-    else:
-        real_f = None
-        if str(args.real).endswith(".npz"):
-            real_mu, real_sigma = load_statistics(args.real)
-        else:
-            real_f = inception_features(net, load_folder(args.real), args.mode, args.batch_size, args.device)
-
-    for scale in args.guidance:
-        images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
-                          args.sample_batch_size, args.seed, args.device)
-        feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
-        acc, cf = None, None
-        if toy:
-            cf, pred = classify(clf, images)
-            target = toy_targets(clf_tax, taxonomy, ids)
-            acc = (pred == target).float().mean(0)
-            acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
-        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
-        rows.append((name, len(images), feats, acc, cf))
-
-    # one markdown table
-    head = ["images", "n", "FID", "KID x1e3"] + list(EVAL_RANKS) + ["classifier FD"]
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for name, count, feats, acc, cf in rows:
-        if real_f is not None:
-            fd = frechet_distance(*statistics(feats), *statistics(real_f))
-            kid, kid_std = kernel_inception_distance(feats, real_f)
-            kid_s = f"{1e3 * kid:.2f} ± {1e3 * kid_std:.2f}"
-        else:
-            fd, kid_s = frechet_distance(*statistics(feats), real_mu, real_sigma), "-"
-        accs = ["-"] * len(EVAL_RANKS) if acc is None else ["-" if math.isnan(a) else f"{a:.1%}" for a in acc]
-        cfd = "-" if cf is None else f"{frechet_distance(*statistics(cf), *statistics(real_cf)):.2f}"
-        print(f"| {name} | {count} | {fd:.2f} | {kid_s} | " + " | ".join(accs) + f" | {cfd} |")
-    print(f"\nFID and KID against {len(real_f) if real_f is not None else 'saved statistics of'} real images; "
-          "accuracy = how often the taxon classifier names the conditioned taxon at each rank; "
-          "classifier FD = Frechet distance on the classifier's 256-d features (not FID).")
-
-
-def compare_sets(args):
-    """FID (and KID when both are images) between two folders or .npz statistics."""
-    net = None
-    stats, feats = [], []
-    for path in args.inputs:
-        if str(path).endswith(".npz"):
-            stats.append(load_statistics(path))
-            feats.append(None)
-            continue
-        if net is None:  # loaded only when there are images to look at
-            net = load_inception(args.inception, args.device)
-        f = inception_features(net, load_folder(path), args.mode, args.batch_size, args.device, f"inception ({path})")
-        stats.append(statistics(f))
-        feats.append(f)
-    if args.save_stats:
-        save_statistics(args.save_stats, *stats[0])
-        print(f"mu, sigma of {args.inputs[0]} ({args.mode} mode) -> {args.save_stats}")
-    if len(args.inputs) == 2:
-        print(f"FID: {frechet_distance(*stats[0], *stats[1]):.4f}")
-        if feats[0] is not None and feats[1] is not None:
-            kid, std = kernel_inception_distance(feats[0], feats[1])
-            print(f"KID: {kid:.6f} ± {std:.6f}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="two image folders or .npz files; or one checkpoint (.pt)")
-    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
-    p.add_argument("--n-per-taxon", type=int, default=10, help="images generated per taxon of the finest rank")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="one table row per scale; 1 = off")
-    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real", default=None, help="real images (folder or .npz) for a checkpoint not trained on the toy tree")
-    p.add_argument("--mode", choices=MODES, default="torchmetrics", help="how images are resized to 299 (see preprocess)")
-    p.add_argument("--inception", default=None, help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--save-stats", default=None, help="write mu and sigma of the first input to this .npz")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    p.add_argument("--sample-batch-size", type=int, default=64, help="sampling batch size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if len(args.inputs) == 1 and args.inputs[0].endswith(".pt"):
-        args.ckpt, args.inputs = args.inputs[0], []
-    if args.ckpt is None and not args.inputs:
-        from sample import finest_checkpoint
-        args.ckpt = finest_checkpoint("out")
-    if args.inputs and (len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats)):
-        p.error("give two image folders or .npz files (or one with --save-stats), or one checkpoint")
-    return args
-
-
-def main(args):
-    if args.ckpt:
-        evaluate_checkpoint(args)
-    else:
-        compare_sets(args)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers), guidance, EMA and checkpoints.
 
 The diffusion process knows nothing about the network's insides: it calls
-model(x_t, t, ids) and reads the output as the noise eps (or as v, see
-Diffusion.eps). Names follow the DDPM paper (Ho et
-al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
+see Diffusion.eps. Names follow the DDPM paper (Ho et al. 2020): beta_t,
+alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. The checkpoint helpers
+at the end also read the taxonomy (taxonomy.py), to match taxa by name.
 
 Read next: train.py (the stage-by-stage training loop), then sample.py.
 """
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from taxonomy import RANKS, normalize
 from unet import UNet, UNetConfig
 
 # -----------------------------------------------------------------------------
@@ -48,7 +50,7 @@ class RankConditioner(nn.Module):
 
 
 class TaxaDiffusion(nn.Module):
-    """eps_theta(x_t, t, lineage ids): the conditioner feeding the UNet's cross-attention."""
+    """The network: lineage ids -> rank tokens (the conditioner) -> the UNet's cross-attention; outputs v (or eps)."""
 
     def __init__(self, unet_config: UNetConfig, vocab_sizes):
         super().__init__()
@@ -143,7 +145,7 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return (1 - a).sqrt() * x_t + a.sqrt() * out
 
-    def loss(self, model, x0, ids, generator=None, t=None, eps=None, weight="eps"):
+    def loss(self, model, x0, ids, generator=None, t=None, eps=None, weight="v"):
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), minimise ||eps - eps_theta(x_t, t)||^2.
 
         weight="v" divides each example's eps-error by alpha_bar_t, which makes it the v-error
@@ -249,23 +251,90 @@ def save_checkpoint(path, **state):
             os.close(fd)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Open a checkpoint (weights_only: no pickled code is run) and rebuild the EMA model from it.
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names the file and what to do (scripts print it in one line)."""
 
-    Returns (ema model in eval mode, checkpoint dict).
-    """
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True (no pickled code is run): a checkpoint is plain data."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: train one first with `python train.py`")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+        raise CheckpointError(f"checkpoint {path} not found: train one first with `python train.py`")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Open a checkpoint and rebuild the EMA model from it. Returns (ema model in eval mode, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
     model = build_model(ckpt)
     try:
         model.load_state_dict(ckpt["ema"])
     except RuntimeError as e:  # e.g. written before the upsampling convolutions were narrowed
         lines = str(e).splitlines()
         first = next((ln.strip().rstrip(".") for ln in lines if "size mismatch" in ln), lines[0])
-        raise ValueError(f"{path}: its weights do not fit this version of the network ({first}); "
-                         "train it again with `python train.py`") from None
+        raise CheckpointError(f"{path}: its weights do not fit this version of the network ({first}); "
+                              "train it again with `python train.py`") from None
     return to_device(model, device).eval(), ckpt
+
+
+def finest_checkpoint(folder):
+    """The checkpoint of the finest rank trained in `folder` (out/species.pt before out/order.pt)."""
+    found = [os.path.join(folder, f"{r}.pt") for r in RANKS if os.path.exists(os.path.join(folder, f"{r}.pt"))]
+    if not found:
+        raise CheckpointError(f"no stage checkpoint (<rank>.pt) in {folder}/: run `python train.py` first")
+    return found[-1]
+
+
+def check_checkpoint(ckpt, path, header, free, resuming):
+    """Refuse, in one line naming what differs, a checkpoint that cannot continue a run.
+
+    header: what the run's own checkpoints would record (train.py's run_header); free: the training flags
+    that may differ (where it runs, how often it saves). A resumed stage must also number the taxa alike,
+    since its optimizer state is in its own id order; a finished stage is reordered by name (by_name).
+    """
+    fix = f"use the flags it was trained with, another --out, or delete {path}"
+    if ckpt.get("ranks") != header["ranks"]:
+        ranks = "/".join(ckpt["ranks"]) if ckpt.get("ranks") else "not recorded (an older train.py)"
+        raise CheckpointError(f"{path} has ranks {ranks}, this run {'/'.join(header['ranks'])}; {fix}")
+    ours, theirs = set(map(tuple, header["lineages"])), set(map(tuple, ckpt["lineages"]))
+    if ours != theirs:
+        def some(lineages):
+            return f"{len(lineages)} (e.g. '{'/'.join(n for n in min(lineages, key=str) if n)}')"
+        diffs = ([f"lineages only in the data: {some(ours - theirs)}"] if ours - theirs else []) + \
+                ([f"lineages only in the checkpoint: {some(theirs - ours)}"] if theirs - ours else [])
+        raise CheckpointError(f"{path} was trained on another taxonomy ({'; '.join(diffs)}); {fix}")
+    for k, v in header["train_config"].items():
+        flag = "--" + k.replace("_", "-")
+        if k in free:
+            continue
+        if k not in ckpt["train_config"]:  # written by a train.py that had no such flag
+            raise CheckpointError(f"{path} was written before {flag} existed, so this train.py cannot resume or "
+                                  f"reuse it; delete it to train this stage again, or finish it with the train.py "
+                                  f"that wrote it")
+        if ckpt["train_config"][k] != v:
+            raise CheckpointError(f"{path} was trained with {flag} {ckpt['train_config'][k]}, this run has "
+                                  f"{flag} {v}; {fix}")
+    for what in ("unet_config", "diffusion_config"):
+        for k, v in header[what].items():
+            if k != "attention_impl" and ckpt[what].get(k) != v:  # the attention path computes the same function
+                raise CheckpointError(f"{path} has {what} {k}={ckpt[what].get(k)}, this run {k}={v}; {fix}")
+    if resuming and ckpt["vocab"] != header["vocab"]:
+        raise CheckpointError(f"{path} numbers the taxa in another order than the data lists them; "
+                              "delete it to train this stage again")
+
+
+def by_name(state, vocab, taxonomy):
+    """A model state dict whose rank tables are reordered from the checkpoint's ids to ours.
+
+    A taxon's id is its position in a vocabulary, which follows the order the data
+    happened to list the taxa in; its name does not. vocab[r][j] is the name the
+    checkpoint gave id j at rank r, so row j of its table moves to our id of that name.
+    """
+    state = dict(state)
+    for r, names in enumerate(vocab):
+        theirs = {normalize(name): j for j, name in enumerate(names)}
+        rows = [theirs[normalize(name)] for name in taxonomy.vocab[r]]  # check_checkpoint: the same names
+        state[f"conditioner.embed.{r}.weight"] = state[f"conditioner.embed.{r}.weight"][rows]
+    return state
 
 
 def build_model(ckpt, attention="auto"):
@@ -295,8 +364,8 @@ def save_grid(x, path, ncols, labels=None):
         margin = 7 * max(len(s) for s in labels) + 6  # the default bitmap font is ~6 px wide
         canvas = Image.new("RGB", (margin + img.width, img.height), "white")
         canvas.paste(img, (margin, 0))
-        draw = ImageDraw.Draw(canvas)
+        draw, font = ImageDraw.Draw(canvas), ImageFont.load_default_imagefont()  # the bitmap font: its spaces show
         for r, label in enumerate(labels):
-            draw.text((3, r * H + H // 2 - 5), label, fill="black")
+            draw.text((3, r * H + H // 2 - 5), label, fill="black", font=font)
         img = canvas
     img.save(path)

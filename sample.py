@@ -10,22 +10,14 @@ Names may start at any rank and are matched ignoring case ('_' reads as a
 space); '...' or a missing tail leaves the finer ranks unspecified.
 """
 import argparse
-import glob
 import os
 import sys
 
 import torch
 
-from model import Diffusion, DiffusionConfig, cut_lineage, deepest_rank, guided_eps_fn, load_checkpoint, save_grid
+from model import (CheckpointError, Diffusion, DiffusionConfig, cut_lineage, deepest_rank, finest_checkpoint,
+                   guided_eps_fn, load_checkpoint, save_grid)
 from taxonomy import RANKS, LineageError, Taxonomy
-
-
-def finest_checkpoint(folder):
-    """The checkpoint of the finest rank trained in `folder` (out/species.pt before out/order.pt)."""
-    found = [os.path.join(folder, f"{r}.pt") for r in RANKS if os.path.exists(os.path.join(folder, f"{r}.pt"))]
-    if not found:
-        raise FileNotFoundError(f"no stage checkpoint (<rank>.pt) in {folder}/: run `python train.py` first")
-    return found[-1]
 
 
 def main(args):
@@ -87,5 +79,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (LineageError, FileNotFoundError, ValueError) as e:
+    except (LineageError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -1,7 +1,8 @@
 """
 The data side of TaxaDiffusion: ranks, the taxonomy tree, lineage parsing,
-the built-in toy tree of life, and the readers of real data (folder trees,
-CSV/TSV tables such as FishNet and BIOSCAN-1M, iNaturalist 2021) with their cache.
+the built-in toy tree of life and the dataset the training loop reads; after a
+banner, the readers of real data (folder trees, CSV/TSV tables such as FishNet
+and BIOSCAN-1M, iNaturalist 2021) and their image cache, which a first read skips.
 
 Nothing here knows about the network. A lineage becomes a row of integer ids,
 one per rank (0 = unknown), and that is all the model ever sees.
@@ -350,16 +351,84 @@ def toy_dataset(per_species=64, size=32, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# The dataset the training loop reads, from the toy tree or from real data
+
+
+class TaxonDataset(torch.utils.data.Dataset):
+    """(image in [-1, 1] as (3, H, W) float, ids per rank as (len(RANKS),) long)."""
+
+    def __init__(self, images, lineages, taxonomy, flip=True):
+        self.images = images  # uint8 (N, 3, H, W): a tensor (toy), or an array memory-mapped from the cache
+        self.ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
+        self.flip = flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = torch.as_tensor(self.images[i]).float() / 127.5 - 1
+        if self.flip and torch.rand(()) < 0.5:  # horizontal flip: a mirrored animal is the same species
+            x = x.flip(-1)
+        return x, self.ids[i]
+
+
+class DataError(ValueError):
+    """Input data that cannot be read as asked; the message names the file and what to fix."""
+
+
+def load_data(data="toy", size=32, per_species=64, seed=0, fmt="auto", top_rank="auto", columns="",
+              image_root="", boxes="", cache_dir=None, workers=0):
+    """(images uint8 (N, 3, size, size), lineages as names, where each was read) from any source.
+
+    data="toy" renders the toy tree in memory; anything else goes through read_items() and is
+    decoded once by decode_images(), cached in cache_dir.
+    """
+    if data in (None, "toy") or fmt == "toy":
+        images, lineages = toy_dataset(per_species, size, seed)
+        return images, lineages, None
+    items = read_items(data, fmt, top_rank, columns, image_root, boxes)
+    images, kept, skipped = decode_images(items, size, cache_dir, workers)
+    if not kept:
+        raise DataError(f"{data}: no images to train on ({skipped or 'it lists none'})")
+    if skipped:
+        print(skipped)
+    return images, [items[i].lineage for i in kept], [items[i].where for i in kept]
+
+
+def build_taxonomy(lineages, wheres=None, keep_first=False):
+    """The Taxonomy of a dataset, and its lineages; a taxon placed under two parents is a DataError.
+
+    With keep_first, a lineage that places a taxon under a second parent is rewritten above that
+    taxon to follow its first parent (the image is kept), and a warning counts them.
+    """
+    taxonomy, out, moved, first_conflict = Taxonomy([]), [], {}, None
+    for n, lineage in enumerate(lineages):
+        while True:  # each retry fixes a finer rank, so this ends
+            try:
+                taxonomy.add(lineage, wheres[n] if wheres else None)
+                break
+            except LineageError as e:
+                if not keep_first:
+                    raise DataError(f"{e}, or pass --conflicts keep-first") from None
+                r, i = e.node
+                first = taxonomy.ancestors(r, i)
+                lineage = tuple(taxonomy.vocab[q][first[q]] if first[q] else None for q in range(r)) + lineage[r:]
+                moved[e.node] = moved.get(e.node, 0) + 1
+                first_conflict = first_conflict or str(e).split(";")[0]
+        out.append(lineage)
+    if moved:
+        print(f"warning: {len(moved)} taxa placed under two parents; kept the first parent, which relabels "
+              f"{sum(moved.values())} images (first: {first_conflict})")
+    return taxonomy, out
+
+
+# -----------------------------------------------------------------------------
 # Reading real data
 #
 # Each reader turns its source into Items (an image file and its lineage as names).
 # decode_images() then decodes them all once, in DataLoader workers, into one uint8
 # array that is cached in the output folder. Bad input raises a DataError: one line
 # that names the file (and row) and says what to fix.
-
-
-class DataError(ValueError):
-    """Input data that cannot be read as asked; the message names the file and what to fix."""
 
 
 @dataclass
@@ -674,70 +743,6 @@ def decode_into(items, present, size, cache, workers):
     os.replace(tmp + ".json", cache + ".json")  # last: the cache counts only once this exists
     print(f"images: {cache}.npy (decoded once; later runs and stages read it)")
     return np.load(cache + ".npy", mmap_mode="c"), unreadable
-
-
-def load_data(data="toy", size=32, per_species=64, seed=0, fmt="auto", top_rank="auto", columns="",
-              image_root="", boxes="", cache_dir=None, workers=0):
-    """(images uint8 (N, 3, size, size), lineages as names, where each was read) from any source.
-
-    data="toy" renders the toy tree in memory; anything else goes through read_items() and is
-    decoded once by decode_images(), cached in cache_dir.
-    """
-    if data in (None, "toy") or fmt == "toy":
-        images, lineages = toy_dataset(per_species, size, seed)
-        return images, lineages, None
-    items = read_items(data, fmt, top_rank, columns, image_root, boxes)
-    images, kept, skipped = decode_images(items, size, cache_dir, workers)
-    if not kept:
-        raise DataError(f"{data}: no images to train on ({skipped or 'it lists none'})")
-    if skipped:
-        print(skipped)
-    return images, [items[i].lineage for i in kept], [items[i].where for i in kept]
-
-
-def build_taxonomy(lineages, wheres=None, keep_first=False):
-    """The Taxonomy of a dataset, and its lineages; a taxon placed under two parents is a DataError.
-
-    With keep_first, a lineage that places a taxon under a second parent is rewritten above that
-    taxon to follow its first parent (the image is kept), and a warning counts them.
-    """
-    taxonomy, out, moved, first_conflict = Taxonomy([]), [], {}, None
-    for n, lineage in enumerate(lineages):
-        while True:  # each retry fixes a finer rank, so this ends
-            try:
-                taxonomy.add(lineage, wheres[n] if wheres else None)
-                break
-            except LineageError as e:
-                if not keep_first:
-                    raise DataError(f"{e}, or pass --conflicts keep-first") from None
-                r, i = e.node
-                first = taxonomy.ancestors(r, i)
-                lineage = tuple(taxonomy.vocab[q][first[q]] if first[q] else None for q in range(r)) + lineage[r:]
-                moved[e.node] = moved.get(e.node, 0) + 1
-                first_conflict = first_conflict or str(e).split(";")[0]
-        out.append(lineage)
-    if moved:
-        print(f"warning: {len(moved)} taxa placed under two parents; kept the first parent, which relabels "
-              f"{sum(moved.values())} images (first: {first_conflict})")
-    return taxonomy, out
-
-
-class TaxonDataset(torch.utils.data.Dataset):
-    """(image in [-1, 1] as (3, H, W) float, ids per rank as (len(RANKS),) long)."""
-
-    def __init__(self, images, lineages, taxonomy, flip=True):
-        self.images = images  # uint8 (N, 3, H, W): a tensor (toy), or an array memory-mapped from the cache
-        self.ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
-        self.flip = flip
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = torch.as_tensor(self.images[i]).float() / 127.5 - 1
-        if self.flip and torch.rand(()) < 0.5:  # horizontal flip: a mirrored animal is the same species
-            x = x.flip(-1)
-        return x, self.ids[i]
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
 """
 Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per stage.
 
-    python train.py --level order      # trains the class stage, then the order stage (~5 min on 2 CPU cores)
+    python train.py --level order      # the class stage, then the order stage (3 min 34 s on 2 CPU cores)
     python train.py --level species    # continues down to species, reusing out/class.pt and out/order.pt
-    python train.py --data train.json --image-size 64   # your own data (README: Training on your own data)
+    python train.py --data train.json --image-size 64   # your own data (docs/data.md)
     torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
     python train.py --level species --schedule flat --out out/flat   # an ablation: species ids only, one stage
 
-Stage `order` conditions on the lineage down to order (kingdom, phylum, class,
-order) and starts from the weights of the stage before it. A missing earlier
-stage is trained first. Each stage writes out/<level>.pt (plain data, opens
-with torch.load(weights_only=True)) and out/<level>.png: one row per taxon of
-that rank, drawn with the EMA weights and a fixed seed.
+The method in three lines of the loop (train_stage): stage `order` sees each
+lineage cut below order (kingdom, phylum, class, order); condition dropout
+sometimes cuts it shorter or drops it (partial lineages and guidance); the
+loss is DDPM's (Algorithm 1). Each stage starts from the weights of the one
+before it, with the new rank's embedding table at zero, so a new taxon begins
+exactly as its parent (build_stage). A missing earlier stage is trained first.
 
-While a stage trains, out/<level>.last.pt holds all it needs to carry on
-(weights, EMA, optimizer, step, random states); it is rewritten every
---save-every steps and on Ctrl-C or SIGTERM. Running the same command again
-resumes from it and ends with the same weights, bit for bit on a CPU, as a run
-that was never stopped.
+Each stage writes out/<level>.pt (plain data, opens with
+torch.load(weights_only=True)) and out/<level>.png: one row per taxon of that
+rank, drawn with the EMA weights and a fixed seed. While a stage trains,
+out/<level>.last.pt holds all it needs to carry on, rewritten every
+--save-every steps and on Ctrl-C or SIGTERM; the same command resumes from it
+and ends with the same weights, bit for bit on a CPU (docs/training.md).
 
 Read next: sample.py.
 """
@@ -39,58 +41,68 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, cut_lineage,
-                   guided_eps_fn, save_checkpoint, save_grid, to_device, update_ema)
-from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data, normalize
+from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
+                   condition_dropout, cut_lineage, guided_eps_fn, read_checkpoint, save_checkpoint, save_grid,
+                   to_device, update_ema)
+from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
 from unet import SIZES, UNetConfig
 
 
 @dataclass
 class TrainConfig:
+    # the method
     level: str = "order"  # train every stage down to this rank
     first_level: str = "class"  # the first stage; coarser ranks (kingdom, phylum) are folded into it
-    steps: int = 0  # if not 0, every stage trains this many optimizer steps (overrides --stage-steps)
-    batch_size: int = 32  # images per step, over all processes (torchrun)
-    lr: float = 1e-3  # AdamW learning rate, after warm-up (a small UNet takes a large one)
-    warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
-    cooldown: float = 0.3  # the last stage's final fraction of steps decays the learning rate linearly to 0
-    #   (0.3 of the species stage: species accuracy 87.9 -> 91.0 %, family and genus +2.5, at no cost; README)
-    embed_lr_mult: float = 30.0  # learning rate of the rank embedding tables = lr * this
-    grad_clip: float = 1.0  # max gradient norm, as in the paper
-    ema_decay: float = 0.995  # EMA of the weights, used for every picture
+    schedule: str = "progressive"  # progressive (stage by stage), or one stage of as many steps: all, random, flat
     p_uncond: float = 0.1  # probability of dropping the whole lineage (for guidance)
     p_cut: float = 0.2  # probability of cutting the lineage at a random coarser rank
-    loss_weight: str = "v"  # v: the v-MSE, eps-MSE / alpha_bar_t (see Diffusion.loss); eps: Algorithm 1's eps-MSE
+    freeze: str = "none"  # what a later progressive stage trains: none = all, unet = the lineage readers, new-rank
+    new_rank_init: str = "zero"  # a new rank's table starts at zero (each taxon as its parent) or random (ablation)
+    loss_weight: str = "v"  # v: the v-error, eps-error / alpha_bar_t (Diffusion.loss); eps: Algorithm 1's
+    # the schedule
     stage_steps: str = "200,200,600,800,1800"  # steps of the 1st, 2nd, ... stage; the last number repeats
+    steps: int = 0  # if not 0, every stage trains this many optimizer steps (overrides --stage-steps)
+    batch_size: int = 32  # images per step, over all processes (torchrun)
+    lr: float = 1e-3  # AdamW learning rate after warm-up (a small UNet trained from scratch takes a large one)
+    embed_lr_mult: float = 30.0  # the rank tables' learning rate = lr * this (a new table has one stage to move)
+    warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
+    cooldown: float = 0.3  # the command's last stage decays the rate to 0 over this fraction of its steps
+    grad_clip: float = 1.0  # max gradient norm, as in the paper
+    ema_decay: float = 0.995  # EMA of the weights, used for every picture
     size: str = "small"  # named UNet size, see unet.SIZES
+    # the data
+    data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)
     image_size: int = 32  # images are resized to image_size x image_size
     per_species: str = "64"  # toy images per species (the few-shot knob), or a long tail: pairs:64/4, zipf:64
-    data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (README: your own data)
     format: str = "auto"  # reader of --data; auto = from what the path is (see taxonomy.FORMATS)
     top_rank: str = "auto"  # folder trees: rank of the top folders; auto = by family endings, else leaves = species
     columns: str = ""  # tables: our=their column names, e.g. "image=file,species=scientific_name"
     image_root: str = ""  # tables and iNat JSON: the folder image paths start from (default: the table's folder)
     boxes: str = ""  # FishNet: bounding-box JSON {file stem: {x, y, w, h}}; each box crops its image
     conflicts: str = "error"  # a taxon under two parents: error, or keep-first (warn, follow the first parent)
-    workers: int = min(8, os.cpu_count() or 1)  # processes decoding images on the first pass (then cached in --out)
-    schedule: str = "progressive"  # progressive: stage by stage, coarse to fine. One stage with the same total
-    #   steps: all (every rank from step 0), random (each example cut at a random rank), flat (species ids only)
-    freeze: str = "none"  # progressive stages after the first train: none = everything, unet = only the conditioner,
-    #   cross-attention and the pooled token, new-rank = only the new rank's table (as the official code)
-    new_rank_init: str = "zero"  # a progressive stage's new rank table: zero (each new taxon starts as its parent)
-    #   or random (N(0, 1), as the tables of a one-stage schedule start)
+    # the run
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    out: str = "out"  # checkpoints, grids and the log go here
-    guidance: float = 3.0  # guidance scale of the grids (1 = none)
+    out: str = "out"  # checkpoints, grids, the image cache and the log go here
+    workers: int = min(8, os.cpu_count() or 1)  # processes decoding images on the first pass (then cached in --out)
+    save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
+    guidance: float = 3.0  # guidance scale of the stage grids (1 = none)
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
     grid_steps: int = 20  # DDIM steps of the grids
-    save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
     amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
-    compile: bool = False  # torch.compile the network (for GPUs: on 2 CPU cores, 157 s to compile, then 3 % faster)
-    attention: str = "auto"  # auto (the Triton kernel on CUDA, SDPA elsewhere), triton, sdpa or torch: see
-    #   unet.attention. On an H100 sdpa trains the default network 18 % faster (README, "The fused attention kernel")
+    compile: bool = False  # torch.compile the network (pays off on GPUs; on 2 CPU cores the compile costs more)
+    attention: str = "auto"  # auto (Triton kernel on CUDA, SDPA elsewhere), triton, sdpa or torch: unet.attention
+
+    def __post_init__(self):
+        self.per_species = str(self.per_species)  # 64 and "64" are one run (checkpoints compare the two)
+
+
+# Flags a stage may change when it resumes or is reused: where it runs, how often it saves, its grids and the
+# arithmetic (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match.
+FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
+                  "guidance", "guide_from", "grid_cols", "grid_steps")
+SCHEDULES = ("progressive", "all", "random", "flat")
 
 
 def stage_plan(taxonomy, first_level, level):
@@ -101,9 +113,6 @@ def stage_plan(taxonomy, first_level, level):
     if last < first:
         raise SystemExit(f"error: --level {level} is coarser than the first stage --first-level {first_level}")
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]
-
-
-SCHEDULES = ("progressive", "all", "random", "flat")
 
 
 def schedule_stages(cfg, plan):
@@ -119,17 +128,137 @@ def schedule_stages(cfg, plan):
     return [(plan[-1], sum(steps), cool)]
 
 
+# -----------------------------------------------------------------------------
+# One stage: the loop, then how its model is built
+
+
+def train_stage(cfg, stage, plan, dataset, taxonomy, log, rank=0, world=1, stop=()):
+    """Train one stage (a Stage from build_stage): condition on ranks 0..stage.level of each lineage.
+
+    Returns the number of the signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
+    """
+    model, ema, opt, sched, level, steps = stage.model, stage.ema, stage.opt, stage.sched, stage.level, stage.steps
+    diffusion, device, B = Diffusion(DiffusionConfig()).to(cfg.device), cfg.device, cfg.batch_size
+    net, amp = wrap_model(model, cfg, world)
+    mine = slice(rank * B // world, (rank + 1) * B // world)  # this process's part of every global batch
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=stage_batches(len(dataset), B, cfg.seed, level, stage.start + 1, steps, rank, world))
+    model.train()
+    t0, saved = time.time(), stage.start
+    pbar = tqdm(loader, desc=f"{RANKS[level]:>8s}", initial=stage.start, total=steps, dynamic_ncols=True,
+                disable=rank > 0)
+    for step, (x0, ids) in enumerate(pbar, start=stage.start + 1):
+        flip, t, eps, u, depth = step_randomness(cfg.seed, level, step, B, x0.shape[1:], device, mine)
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.to(device).flip(-1), x0.to(device))  # a random mirror image
+        # The method: this stage knows the lineage down to `level`; dropout cuts it shorter or drops it
+        ids = cut_lineage(ids.to(device), level)
+        if cfg.schedule == "random":  # the ablation: each example its own depth, first stage's rank .. level
+            ids = cut_lineage(ids, plan[0] + (depth * (level - plan[0] + 1)).long())
+        ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)
+        with amp:
+            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)  # Algorithm 1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # short memory early on
+
+        mean_loss, stopping = mean_over_processes(loss, stop, world, device)
+        if not math.isfinite(mean_loss):  # these weights are lost; the checkpoint on disk is not
+            kept = f"{stage.last_path} (step {saved}) is intact" if saved else "no checkpoint of this stage was written"
+            msg = f"error: loss is {mean_loss} at step {step} of stage {RANKS[level]}; {kept}; try a lower --lr"
+            raise SystemExit(msg if rank == 0 else 1)
+        pbar.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % 50 == 0 or step == steps:
+            log.write(f"stage {RANKS[level]} step {step}/{steps} loss {mean_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                      f"img/s {(step - stage.start) * B / (time.time() - t0):.1f}\n")
+            log.flush()
+        if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+            save_resumable(stage, step, rank, world)
+            saved = step
+        if stopping:
+            if rank == 0:
+                print(f"\nstopped at step {step}/{steps} of stage {RANKS[level]}: saved {stage.last_path}; "
+                      f"run the same command again to resume", file=sys.stderr)
+            return stop[0] if stop else signal.SIGINT
+    finish_stage(cfg, stage, diffusion, taxonomy, plan, time.time() - t0, log, rank, world)
+    return None
+
+
+@dataclass
+class Stage:
+    """What one stage trains and where it stands: built by build_stage, stepped by train_stage."""
+    level: int  # the finest rank this stage conditions on
+    steps: int  # optimizer steps of the stage
+    cool: int  # its last `cool` steps decay the learning rate to 0
+    model: TaxaDiffusion
+    ema: TaxaDiffusion
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    start: int  # steps already done (a resumed stage)
+    header: dict  # what every checkpoint of this run records: configs, taxonomy (see run_header)
+    path: str  # out/<level>.pt, written when the stage is done
+    last_path: str  # out/<level>.last.pt, all it needs to carry on
+
+
+def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, world=1):
+    """The model of the stage that conditions on ranks 0..level, and where it starts from: a half-trained
+    run of this stage (out/<level>.last.pt), else the previous stage's weights, else scratch."""
+    path, last_path = (os.path.join(cfg.out, f"{RANKS[level]}{end}.pt") for end in ("", ".last"))
+    header = run_header(cfg, taxonomy, plan)
+    torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
+    model = to_device(TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]), cfg.device)
+    # The first stage's ranks start random; every finer rank's table starts at zero, and stays so (it is
+    # never looked up) until its stage begins: a new taxon starts exactly as its parent, and learns what differs.
+    for r in range(level + 1, len(RANKS)):
+        torch.nn.init.zeros_(model.conditioner.embed[r].weight)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    # The rank tables take a larger step: a new one has a single stage to move from "same as the parent".
+    tables = list(model.conditioner.embed.parameters())
+    others = [p for n, p in model.named_parameters() if not n.startswith("conditioner.embed.")]
+    opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
+                            lr=cfg.lr, weight_decay=0.0, fused=True)  # fused: one kernel for every tensor's update
+    resumed = read_checkpoint(last_path) if os.path.exists(last_path) else None
+    if resumed:
+        check_checkpoint(resumed, last_path, header, FREE_ON_RESUME, resuming=True)
+        cool = resumed.get("cooldown_steps", cool)  # a stage keeps the cool-down it started with, whatever --level says now
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cool))
+    # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
+    torch.manual_seed(cfg.seed + level + 1000 * (rank + 1))
+
+    start, source = 0, prev_path or "scratch"
+    if resumed:  # an interrupted run of this stage: carry on exactly where it stopped
+        for obj, key in ((model, "model"), (ema, "ema"), (opt, "optimizer"), (sched, "scheduler")):
+            obj.load_state_dict(resumed[key])
+        if len(resumed["rng"]) == world:  # one state per process; with another number of processes, fresh seeds
+            set_rng_states(resumed["rng"][rank])
+        start, source = resumed["step"], f"{last_path} at step {resumed['step']}"
+    elif prev_path:  # the stage before: its rank tables reordered by taxon name into this run's ids
+        prev = read_checkpoint(prev_path)
+        check_checkpoint(prev, prev_path, header, FREE_ON_RESUME, resuming=False)
+        model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
+        ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
+        if cfg.new_rank_init == "random":  # the ablation: new taxa start apart, like a table trained from scratch
+            for r in range(plan[plan.index(level) - 1] + 1, level + 1):
+                torch.nn.init.normal_(model.conditioner.embed[r].weight)  # N(0, 1), nn.Embedding's own init
+                ema.conditioner.embed[r].weight.copy_(model.conditioner.embed[r].weight)
+    if prev_path:  # --freeze: what a later stage may change (AdamW skips what gets no gradient)
+        new_ranks = range(plan[plan.index(level) - 1] + 1, level + 1)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable(n, cfg.freeze, new_ranks))
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"stage {RANKS[level]}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
+              f"{steps} steps of {cfg.batch_size}{f' on {world} processes' if world > 1 else ''}, from {source}")
+    return Stage(level, steps, cool, model, ema, opt, sched, start, header, path, last_path)
+
+
 def lr_factor(s, steps, warmup, cooldown):
     """Learning rate of step s + 1 of `steps`, as a fraction of --lr: linear warm-up over `warmup` steps,
     then constant, then a linear decay to 0 over the last `cooldown` steps."""
     warm = min(1.0, (s + 1) / warmup)
     return min(warm, (steps - s) / cooldown) if cooldown else warm
-
-
-def flat_lineage(lineage):
-    """The flat baseline's label: the leaf name alone at its rank, no hierarchy above it."""
-    leaf = max(r for r, name in enumerate(lineage) if name)
-    return tuple(name if r == leaf else None for r, name in enumerate(lineage))
 
 
 def trainable(name, freeze, new_ranks):
@@ -141,6 +270,154 @@ def trainable(name, freeze, new_ranks):
     return True
 
 
+def flat_lineage(lineage):
+    """The flat baseline's label: the leaf name alone at its rank, no hierarchy above it."""
+    leaf = max(r for r, name in enumerate(lineage) if name)
+    return tuple(name if r == leaf else None for r, name in enumerate(lineage))
+
+
+# -----------------------------------------------------------------------------
+# The run: data, taxonomy and stages once, then each stage in turn
+
+
+def main(cfg):
+    rank, world, cfg = start_processes(cfg)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        check_run(cfg, world)
+        dataset, taxonomy, plan = load_dataset(cfg)
+        to_train = schedule_stages(cfg, plan)
+        if rank == 0:
+            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
+                  + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
+                                for r, n, c in to_train))
+        stop = catch_stop_signals()
+        prev_path = None
+        with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
+            for level, steps, cool in to_train:
+                path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
+                if os.path.exists(path):  # a finished stage is reused only if it was trained as this run asks
+                    check_checkpoint(read_checkpoint(path), path, run_header(cfg, taxonomy, plan), FREE_ON_RESUME,
+                                     resuming=False)
+                    if rank == 0:
+                        print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
+                else:
+                    stage = build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank, world)
+                    if signum := train_stage(cfg, stage, plan, dataset, taxonomy, log, rank, world, stop):
+                        raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
+                prev_path = path
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():  # also under torchrun with one process
+            dist.destroy_process_group()
+
+
+def load_dataset(cfg):
+    """The images, the taxonomy (built once) and the plan of stage ranks; bad data ends here, in one line,
+    before any checkpoint is touched."""
+    try:
+        images, lineages, wheres = load_data(
+            cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
+            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
+        found, lineages = build_taxonomy(lineages, wheres, keep_first=cfg.conflicts == "keep-first")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    plan = stage_plan(found, cfg.first_level, cfg.level)  # from the full hierarchy, also for flat: the same steps
+    if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
+        lineages = [flat_lineage(lin) for lin in lineages]
+        found = Taxonomy(lineages)
+    # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
+    taxonomy = Taxonomy(found.lineages())
+    dataset = TaxonDataset(images, lineages, taxonomy, flip=False)  # the loop flips, with its own generator
+    if len(dataset) < cfg.batch_size:
+        raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
+    return dataset, taxonomy, plan
+
+
+def check_run(cfg, world):
+    """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split."""
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out {cfg.out}: {e.strerror}")
+    if cfg.amp and not cfg.device.startswith("cuda"):
+        raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
+                         "where bf16 is many times slower than fp32; drop --amp")
+    if not all(n.strip().isdigit() and int(n) > 0 for n in cfg.stage_steps.split(",")):
+        raise SystemExit(f"error: --stage-steps '{cfg.stage_steps}' is not a comma-separated list of positive "
+                         "step counts, e.g. 200,200,600,800,1800")
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints of a stage: what they record, the resumable save, the finished stage
+
+
+def network_configs(cfg):
+    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags)."""
+    return (UNetConfig(in_channels=3, image_size=cfg.image_size, attention_impl=cfg.attention, **SIZES[cfg.size]),
+            DiffusionConfig())
+
+
+def run_header(cfg, taxonomy, plan):
+    """What every checkpoint of this run records, as plain data: the configs, the stages, the taxonomy."""
+    unet_config, diffusion_config = network_configs(cfg)
+    return dict(ranks=list(RANKS), stages=[RANKS[r] for r in plan], unet_config=asdict(unet_config),
+                diffusion_config=asdict(diffusion_config), train_config=asdict(cfg),
+                vocab_sizes=[len(v) for v in taxonomy.vocab], vocab=taxonomy.vocab, lineages=taxonomy.lineages())
+
+
+def save_resumable(stage, step, rank, world):
+    """Write out/<level>.last.pt: everything needed to carry on from `step` as if never stopped."""
+    rngs = [rng_states()]
+    if world > 1:  # every process's own states, in rank order
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_states())
+    if rank == 0:
+        save_checkpoint(stage.last_path, **stage.header, model=stage.model.state_dict(), ema=stage.ema.state_dict(),
+                        optimizer=stage.opt.state_dict(), scheduler=stage.sched.state_dict(), rng=rngs, step=step,
+                        cooldown_steps=stage.cool, level=RANKS[stage.level])
+
+
+def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
+    """Draw the stage's grid with its EMA weights, then make out/<level>.pt the stage's result."""
+    if rank == 0:
+        t1, name = time.time(), RANKS[stage.level]
+        draw_stage_grid(stage.ema.eval(), diffusion, taxonomy, stage.level, plan[0], cfg,
+                        os.path.join(cfg.out, f"{name}.png"))
+        os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read
+        msg = (f"stage {name} done: {train_time:.0f} s training "
+               f"({(stage.steps - stage.start) * cfg.batch_size / max(train_time, 1e-6):.1f} img/s), "
+               f"{time.time() - t1:.0f} s grid -> {stage.path}, {os.path.join(cfg.out, name + '.png')}")
+        print(msg)
+        log.write(msg + "\n")
+    if world > 1:
+        dist.barrier()  # the next stage reads out/<level>.pt in every process
+
+
+@torch.no_grad()
+def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
+    """One row per taxon of rank `level`, the same noise in every row (so columns compare), EMA weights."""
+    rows = range(1, len(taxonomy.vocab[level]))
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    x_T = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
+                      generator=gen, device=cfg.device)  # (cols, C, H, W): the same noise in every row
+    chunk = max(1, 64 // cfg.grid_cols)  # rows per sampling batch (the CPU is fastest on small batches)
+    images = []
+    for first in range(0, len(rows), chunk):
+        taxa = rows[first:first + chunk]
+        ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa for _ in range(cfg.grid_cols)], device=cfg.device)
+        eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, cfg.guide_from, root_level)
+        noise = x_T.repeat(len(taxa), 1, 1, 1)  # (len(taxa) * cols, C, H, W)
+        images.append(diffusion.sample(eps_fn, noise.shape, steps=cfg.grid_steps, x_T=noise, device=cfg.device))
+    save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
+
+
 # -----------------------------------------------------------------------------
 # Randomness that a resumed run draws again: every draw is a function of (seed, stage, step)
 
@@ -148,6 +425,21 @@ def trainable(name, freeze, new_ranks):
 def seeded_generator(*key, device="cpu"):
     """A torch.Generator seeded by a tuple of ints such as (seed, stage, step); nearby keys give unrelated streams."""
     return torch.Generator(device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+
+
+def step_randomness(seed, level, step, B, image_shape, device, mine):
+    """This process's part of the step's random numbers: mirror flips, t, eps, dropout uniforms u (2, b), depth.
+
+    Drawn for the whole global batch of B from a generator seeded by (seed, stage, step), of which this
+    process keeps its slice `mine`: a resumed run, or N processes, draw exactly what one uninterrupted process does.
+    """
+    gen = seeded_generator(seed, level, 1, step, device=device)
+    flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
+    t = torch.randint(0, DiffusionConfig.timesteps, (B,), generator=gen, device=device)[mine]
+    eps = torch.randn((B, *image_shape), generator=gen, device=device)[mine]
+    u = torch.rand(2, B, generator=gen, device=device)[:, mine]
+    depth = torch.rand(B, generator=gen, device=device)[mine]  # --schedule random's cut, in [0, 1)
+    return flip, t, eps, u, depth
 
 
 def stage_batches(n, batch_size, seed, level, first, last, rank=0, world=1):
@@ -185,69 +477,7 @@ def set_rng_states(state):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints that fit this run, taxa matched by name
-
-
-# Flags a resumed stage may change: where it runs, how often it saves, its grids, and the arithmetic
-# (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match to resume.
-FREE_ON_RESUME = ("level", "device", "out", "save_every", "amp", "compile", "attention",
-                  "guidance", "guide_from", "grid_cols", "grid_steps", "workers")
-
-
-def network_configs(cfg):
-    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags)."""
-    return (UNetConfig(in_channels=3, image_size=cfg.image_size, attention_impl=cfg.attention, **SIZES[cfg.size]),
-            DiffusionConfig())
-
-
-def check_checkpoint(ckpt, path, cfg, taxonomy, resuming):
-    """Stop with one line if the checkpoint at `path` cannot continue this run, naming what differs."""
-    fix = f"use the flags it was trained with, another --out, or delete {path}"
-    if ckpt.get("ranks") != list(RANKS):
-        ranks = "/".join(ckpt["ranks"]) if ckpt.get("ranks") else "not recorded (an older train.py)"
-        raise SystemExit(f"error: {path} has ranks {ranks}, this run {'/'.join(RANKS)}; {fix}")
-    ours, theirs = set(map(tuple, taxonomy.lineages())), set(map(tuple, ckpt["lineages"]))
-    if ours != theirs:
-        def some(lineages):
-            return f"{len(lineages)} (e.g. '{'/'.join(n for n in min(lineages, key=str) if n)}')"
-        diffs = ([f"lineages only in the data: {some(ours - theirs)}"] if ours - theirs else []) + \
-                ([f"lineages only in the checkpoint: {some(theirs - ours)}"] if theirs - ours else [])
-        raise SystemExit(f"error: {path} was trained on another taxonomy ({'; '.join(diffs)}); {fix}")
-    train_keys = [k for k in asdict(cfg) if k not in FREE_ON_RESUME] if resuming else ["size", "image_size"]
-    for k in train_keys:
-        flag = "--" + k.replace("_", "-")
-        if k not in ckpt["train_config"]:  # written by a train.py that had no such flag
-            raise SystemExit(f"error: {path} was written before {flag} existed, so this train.py cannot resume "
-                             f"it; delete it to train this stage again, or finish it with the train.py that wrote it")
-        if ckpt["train_config"][k] != getattr(cfg, k):
-            raise SystemExit(f"error: {path} was trained with {flag} {ckpt['train_config'][k]}, "
-                             f"this run has {flag} {getattr(cfg, k)}; {fix}")
-    for what, config in zip(("unet_config", "diffusion_config"), network_configs(cfg)):
-        for k, v in asdict(config).items():
-            if k != "attention_impl" and ckpt[what].get(k) != v:  # the attention path computes the same function
-                raise SystemExit(f"error: {path} has {what} {k}={ckpt[what].get(k)}, this run {k}={v}; {fix}")
-    if resuming and ckpt["vocab"] != taxonomy.vocab:  # its optimizer state is in its own id order
-        raise SystemExit(f"error: {path} numbers the taxa in another order than the data lists them; "
-                         f"delete it to train this stage again")
-
-
-def by_name(state, vocab, taxonomy):
-    """A model state dict whose rank tables are reordered from the checkpoint's ids to ours.
-
-    A taxon's id is its position in a vocabulary, which follows the order the data
-    happened to list the taxa in; its name does not. vocab[r][j] is the name the
-    checkpoint gave id j at rank r, so row j of its table moves to our id of that name.
-    """
-    state = dict(state)
-    for r, names in enumerate(vocab):
-        theirs = {normalize(name): j for j, name in enumerate(names)}
-        rows = [theirs[normalize(name)] for name in taxonomy.vocab[r]]  # check_checkpoint: the same names
-        state[f"conditioner.embed.{r}.weight"] = state[f"conditioner.embed.{r}.weight"][rows]
-    return state
-
-
-# -----------------------------------------------------------------------------
-# Processes (torchrun), Ctrl-C
+# Processes (torchrun), Ctrl-C, command line
 
 
 def start_processes(cfg):
@@ -263,6 +493,23 @@ def start_processes(cfg):
     return dist.get_rank(), dist.get_world_size(), cfg
 
 
+def wrap_model(model, cfg, world):
+    """What runs the steps: DDP averages the processes' gradients in backward(), torch.compile fuses; and the
+    autocast context. Checkpoints keep `model`, the plain module, so their keys have no "module." or "_orig_mod."."""
+    net = DDP(model) if world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    return net, torch.autocast("cuda", torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+
+
+def mean_over_processes(loss, stop, world, device):
+    """One all-reduce gives every process the mean loss and whether any of them was asked to stop."""
+    shared = torch.stack([loss.detach().float(), torch.tensor(float(len(stop)), device=device)])
+    if world > 1:
+        dist.all_reduce(shared)
+    total_loss, stopping = shared.tolist()
+    return total_loss / world, stopping
+
+
 def catch_stop_signals():
     """Ctrl-C (SIGINT) and SIGTERM (preemption) only note the signal; the loop saves and stops after its step.
 
@@ -276,239 +523,6 @@ def catch_stop_signals():
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, note)
     return seen
-
-
-@torch.no_grad()
-def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
-    """One row per taxon of rank `level`, the same noise in every row (so columns compare), EMA weights."""
-    rows = range(1, len(taxonomy.vocab[level]))
-    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    x_T = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
-                      generator=gen, device=cfg.device)  # (cols, C, H, W): the same noise in every row
-    chunk = max(1, 64 // cfg.grid_cols)  # rows per sampling batch (the CPU is fastest on small batches)
-    images = []
-    for first in range(0, len(rows), chunk):
-        taxa = rows[first:first + chunk]
-        ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa for _ in range(cfg.grid_cols)], device=cfg.device)
-        eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, cfg.guide_from, root_level)
-        noise = x_T.repeat(len(taxa), 1, 1, 1)  # (len(taxa) * cols, C, H, W)
-        images.append(diffusion.sample(eps_fn, noise.shape, steps=cfg.grid_steps, x_T=noise, device=cfg.device))
-    save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
-
-
-def train_stage(cfg, level, steps, cool, stages, dataset, taxonomy, prev_path, log, rank, world, stop):
-    """Train one stage: condition on ranks 0..level, start from the previous stage's weights.
-
-    Resumes from out/<level>.last.pt when it exists. Returns the number of the
-    signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
-    """
-    name, device = RANKS[level], cfg.device
-    path, last_path = os.path.join(cfg.out, f"{name}.pt"), os.path.join(cfg.out, f"{name}.last.pt")
-    torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
-    unet_config, diffusion_config = network_configs(cfg)
-    vocab_sizes = [len(v) for v in taxonomy.vocab]
-    model = to_device(TaxaDiffusion(unet_config, vocab_sizes), device)
-    # From scratch, the first stage's ranks start random; every finer rank's table starts at zero and
-    # stays zero (it is never looked up) until its stage begins: a new taxon starts as its parent.
-    for r in range(level + 1, len(RANKS)):
-        torch.nn.init.zeros_(model.conditioner.embed[r].weight)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion = Diffusion(diffusion_config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    # The rank tables get a larger step: a new rank's table starts at zero and has one stage to
-    # move from "same as the parent" to "different", while the UNet keeps what it learned.
-    tables = list(model.conditioner.embed.parameters())
-    others = [p for n, p in model.named_parameters() if not n.startswith("conditioner.embed.")]
-    # fused=True: one kernel for every tensor's update (CPU and CUDA), 4x faster than the per-tensor loop
-    opt = torch.optim.AdamW([{"params": others}, {"params": tables, "lr": cfg.lr * cfg.embed_lr_mult}],
-                            lr=cfg.lr, weight_decay=0.0, fused=True)
-    if os.path.exists(last_path):  # a stage keeps the cool-down it started with, whatever --level says now
-        cool = torch.load(last_path, map_location="cpu", weights_only=True).get("cooldown_steps", cool)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cool))
-    # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
-    torch.manual_seed(cfg.seed + level + 1000 * (rank + 1))
-
-    start, source = 0, prev_path or "scratch"
-    if os.path.exists(last_path):  # an interrupted run of this stage: carry on exactly where it stopped
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        check_checkpoint(ckpt, last_path, cfg, taxonomy, resuming=True)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if len(ckpt["rng"]) == world:  # one state per process; with another number of processes, fresh seeds
-            set_rng_states(ckpt["rng"][rank])
-        start, source = ckpt["step"], f"{last_path} at step {ckpt['step']}"
-    elif prev_path:
-        prev = torch.load(prev_path, map_location="cpu", weights_only=True)
-        check_checkpoint(prev, prev_path, cfg, taxonomy, resuming=False)
-        # The new rank's table was never used before, so it is still all zeros: every new taxon
-        # starts exactly as its parent, and learns what differs.
-        model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
-        ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
-        if cfg.new_rank_init == "random":  # the ablation: new taxa start apart, like a table trained from scratch
-            for r in range(stages[stages.index(level) - 1] + 1, level + 1):
-                torch.nn.init.normal_(model.conditioner.embed[r].weight)  # N(0, 1), nn.Embedding's own init
-                ema.conditioner.embed[r].weight.copy_(model.conditioner.embed[r].weight)
-
-    if prev_path:  # --freeze: what a later stage may change (AdamW skips what gets no gradient)
-        prev_level = stages[stages.index(level) - 1]
-        for n, p in model.named_parameters():
-            p.requires_grad_(trainable(n, cfg.freeze, range(prev_level + 1, level + 1)))
-
-    def save(step):
-        """Write out/<level>.last.pt: everything needed to carry on from `step` as if never stopped."""
-        rngs = [rng_states()]
-        if world > 1:  # every process's own states, in rank order
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_states())
-        if rank == 0:
-            save_checkpoint(last_path, model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), rng=rngs, step=step, cooldown_steps=cool, level=name,
-                            stages=[RANKS[r] for r in stages], ranks=list(RANKS), unet_config=asdict(unet_config),
-                            diffusion_config=asdict(diffusion_config), train_config=asdict(cfg),
-                            vocab_sizes=vocab_sizes, vocab=taxonomy.vocab, lineages=taxonomy.lineages())
-
-    # DDP averages the gradients of the processes in backward(); torch.compile wraps what runs the
-    # steps. Checkpoints keep `model`, the plain module, so their keys have no "module." or "_orig_mod.".
-    net = DDP(model) if world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
-    amp = torch.autocast("cuda", torch.bfloat16) if cfg.amp else contextlib.nullcontext()
-    B, share = cfg.batch_size, cfg.batch_size // world
-    mine = slice(rank * share, (rank + 1) * share)  # this process's part of every global batch
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=stage_batches(len(dataset), B, cfg.seed, level, start + 1, steps, rank, world))
-
-    if rank == 0:
-        print(f"stage {name}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
-              f"{steps} steps of {B}{f' on {world} processes' if world > 1 else ''}, from {source}")
-    model.train()
-    t0, saved = time.time(), start
-    pbar = tqdm(loader, desc=f"{name:>8s}", initial=start, total=steps, dynamic_ncols=True, disable=rank > 0)
-    for step, (x0, ids) in enumerate(pbar, start=start + 1):
-        x0, ids = x0.to(device), ids.to(device)
-        # Every random number of the step comes from a generator seeded by (seed, stage, step), drawn
-        # for the whole global batch, of which this process keeps its part: a resumed run, or N
-        # processes, draw exactly what one uninterrupted process does.
-        gen = seeded_generator(cfg.seed, level, 1, step, device=device)
-        flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
-        t = torch.randint(0, diffusion.T, (B,), generator=gen, device=device)[mine]
-        eps = torch.randn((B, *x0.shape[1:]), generator=gen, device=device)[mine]
-        u = torch.rand(2, B, generator=gen, device=device)[:, mine]
-        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)  # a random mirror image
-        if cfg.schedule == "random":  # each example its own depth, from the first stage's rank to this one
-            depth = stages[0] + (torch.rand(B, generator=gen, device=device) * (level - stages[0] + 1)).long()[mine]
-            ids = cut_lineage(ids, depth)
-        ids = condition_dropout(cut_lineage(ids, level), cfg.p_uncond, cfg.p_cut, u=u)
-        with amp:
-            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # short memory early on
-        # One all-reduce gives every process the mean loss and whether any of them was asked to stop.
-        shared = torch.stack([loss.detach().float(), torch.tensor(float(len(stop)), device=device)])
-        if world > 1:
-            dist.all_reduce(shared)
-        total_loss, stopping = shared.tolist()
-        mean_loss = total_loss / world
-        if not math.isfinite(mean_loss):  # these weights are lost; the checkpoint on disk is not
-            kept = f"{last_path} (step {saved}) is intact" if saved else "no checkpoint of this stage was written"
-            msg = f"error: loss is {mean_loss} at step {step} of stage {name}; {kept}; try a lower --lr"
-            raise SystemExit(msg if rank == 0 else 1)
-        pbar.set_postfix(loss=f"{mean_loss:.4f}")
-        if step % 50 == 0 or step == steps:
-            ips = (step - start) * B / (time.time() - t0)
-            log.write(f"stage {name} step {step}/{steps} loss {mean_loss:.4f} "
-                      f"lr {sched.get_last_lr()[0]:.2e} img/s {ips:.1f}\n")
-            log.flush()
-        if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            save(step)
-            saved = step
-        if stopping:
-            if rank == 0:
-                print(f"\nstopped at step {step}/{steps} of stage {name}: saved {last_path}; "
-                      f"run the same command again to resume", file=sys.stderr)
-            return stop[0] if stop else signal.SIGINT
-    train_time = max(time.time() - t0, 1e-6)
-
-    if rank == 0:
-        t1 = time.time()
-        draw_stage_grid(ema.eval(), diffusion, taxonomy, level, stages[0], cfg, os.path.join(cfg.out, f"{name}.png"))
-        os.replace(last_path, path)  # the stage is done: out/<level>.pt is what sample.py and the next stage read
-        msg = (f"stage {name} done: {train_time:.0f} s training ({(steps - start) * B / train_time:.1f} img/s), "
-               f"{time.time() - t1:.0f} s grid -> {path}, {os.path.join(cfg.out, name + '.png')}")
-        print(msg)
-        log.write(msg + "\n")
-    if world > 1:
-        dist.barrier()  # the next stage reads out/<level>.pt in every process
-    return None
-
-
-def main(cfg):
-    rank, world, cfg = start_processes(cfg)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:  # fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
-            os.makedirs(cfg.out, exist_ok=True)
-            tempfile.TemporaryFile(dir=cfg.out).close()
-        except OSError as e:
-            raise SystemExit(f"error: cannot write to --out {cfg.out}: {e.strerror}")
-        if cfg.amp and not cfg.device.startswith("cuda"):
-            raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
-                             "where bf16 is many times slower than fp32; drop --amp")
-        if not all(n.strip().isdigit() and int(n) > 0 for n in cfg.stage_steps.split(",")):
-            raise SystemExit(f"error: --stage-steps '{cfg.stage_steps}' is not a comma-separated list of positive "
-                             "step counts, e.g. 200,200,600,800,1800")
-        if cfg.batch_size % world:
-            raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
-        try:  # bad data ends here, in one line, before any checkpoint is touched
-            images, raw_lineages, wheres = load_data(
-                cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
-                columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out,
-                workers=cfg.workers)
-            found, raw_lineages = build_taxonomy(raw_lineages, wheres, keep_first=cfg.conflicts == "keep-first")
-        except DataError as e:
-            raise SystemExit(f"error: {e}")
-        # The stages come from the full hierarchy, also for --schedule flat: the same total steps.
-        plan = stage_plan(found, cfg.first_level, cfg.level)
-        if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
-            raw_lineages = [flat_lineage(lin) for lin in raw_lineages]
-            found = Taxonomy(raw_lineages)
-        # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
-        taxonomy = Taxonomy(found.lineages())
-        dataset = TaxonDataset(images, raw_lineages, taxonomy, flip=False)  # the loop flips, with its own generator
-        if len(dataset) < cfg.batch_size:
-            raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
-        to_train = schedule_stages(cfg, plan)
-        # the ranks the run covers (the first is the root of TaxaGuide); flat has the leaf's alone
-        stages = stage_plan(taxonomy, cfg.first_level, cfg.level) if cfg.schedule == "flat" else plan
-        if rank == 0:
-            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
-                  + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
-                                for r, n, c in to_train))
-        stop = catch_stop_signals()
-        prev_path = None
-        with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
-            for level, steps, cool in to_train:
-                path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
-                if os.path.exists(path):
-                    check_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path, cfg, taxonomy,
-                                     resuming=False)
-                    if rank == 0:
-                        print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
-                elif signum := train_stage(cfg, level, steps, cool, stages, dataset, taxonomy, prev_path, log, rank,
-                                           world, stop):
-                    raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
-                prev_path = path
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if dist.is_initialized():  # also under torchrun with one process
-            dist.destroy_process_group()
 
 
 def parse_args(argv=None):

@@ -1,10 +1,11 @@
 """
-The network: a DDPM UNet that predicts the noise eps in a noisy image x_t,
-given the timestep t and a few context tokens (the lineage's rank tokens).
+The network: a DDPM UNet that looks at a noisy image x_t, the timestep t and a
+few context tokens (the lineage's rank tokens), and outputs an image-shaped
+prediction: v by default, which model.py's Diffusion.eps turns into the noise eps.
 
-    x_t (B, C, H, W), t (B,), context (B, M, D)  ->  eps (B, C, H, W)
+    x_t (B, C, H, W), t (B,), context (B, M, D)  ->  v (or eps) (B, C, H, W)
 
-It works on any (C, H, W): pixels (3, 32, 32) by default, or VAE latents.
+It works on any (C, H, W): pixels (3, 32, 32) by default, or latents.
 Every block is: ResBlock (with the timestep and the pooled context) ->
 self-attention (at low resolutions) -> cross-attention to the context tokens. All attention math goes
 through one function, `attention(q, k, v)`.
@@ -192,7 +193,7 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, context): an encoder-decoder with skip connections between matching resolutions."""
+    """v_theta(x_t, t, context) (or eps_theta): an encoder-decoder with skip connections between matching resolutions."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()

@@ -1,10 +1,12 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from model import (Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, build_model, condition_dropout,
                    cut_lineage, deepest_rank, guided_eps_fn, load_checkpoint, negative_lineage, save_checkpoint,
-                   update_ema)
+                   save_grid, update_ema)
 from unet import SIZES, UNet, UNetConfig, attention, attention_reference
 
 TINY = UNetConfig(**SIZES["tiny"])
@@ -207,3 +209,12 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         load_checkpoint(path)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_grid_labels_keep_their_spaces(tmp_path):
+    """'Corvus corax' must not read 'Corvuscorax': the label ends a whole character further right."""
+    def label_end(label):
+        save_grid(torch.zeros(1, 3, 16, 16), tmp_path / "g.png", 1, labels=[label])
+        img = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+        return np.nonzero((img[:, :-16] < 128).any(0))[0].max()  # the rightmost dark column left of the image
+    assert label_end("Corvus corax") - label_end("Corvuscorax") >= 5

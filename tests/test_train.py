@@ -17,7 +17,7 @@ import torch.nn as nn
 from PIL import Image
 
 import train
-from model import build_model, load_checkpoint
+from model import build_model, by_name, load_checkpoint
 from taxonomy import Taxonomy
 from train import TrainConfig
 
@@ -217,10 +217,17 @@ def test_amp_on_cpu_is_a_clear_error(tmp_path):
 def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     out = tmp_path / "out"
     train.main(replace(TINY, steps=2, out=str(out)))
-    runs = {"image size": (replace(TINY, level="order", image_size=8),
+    runs = {"image size": (replace(TINY, steps=2, level="order", image_size=8),
                            "trained with --image-size 16, this run has --image-size 8"),
-            "network": (replace(TINY, level="order", size="small"),
+            "network": (replace(TINY, steps=2, level="order", size="small"),
                         "trained with --size tiny, this run has --size small")}
+    # a finished stage is reused only by a run that would have trained it alike (an ablation into an old --out)
+    for flag, value, shown in (("schedule", "all", "all"), ("seed", 1, 1), ("lr", 2e-3, 0.002), ("steps", 3, 3),
+                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0)):
+        name = "--" + flag.replace("_", "-")
+        runs[flag] = (replace(replace(TINY, steps=2), **{flag: value}),  # out/class.pt is this run's whole result
+                      f"class.pt was trained with {name} {getattr(replace(TINY, steps=2), flag)}, this run has "
+                      f"{name} {shown}")
     # another taxonomy: a folder tree of two species not in the toy tree
     for species in ["Felis catus", "Felis silvestris"]:
         folder = tmp_path / "tree" / "Mammalia" / "Carnivora" / "Felidae" / "Felis" / species
@@ -252,7 +259,7 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     old_cfg = {k: v for k, v in ckpt["train_config"].items() if k != "cooldown"}
     torch.save({**ckpt, "step": 1, "train_config": old_cfg}, out / "class.last.pt")
     with pytest.raises(SystemExit, match=r"^error: \S*class.last.pt was written before --cooldown existed, so this "
-                                         r"train.py cannot resume it; delete it to train this stage again"):
+                                         r"train.py cannot resume or reuse it; delete it to train this stage again"):
         train.main(replace(TINY, steps=2, out=str(out)))
     assert (out / "class.last.pt").exists()  # refused, not deleted
 
@@ -264,7 +271,7 @@ def test_stage_checkpoints_map_taxa_by_name():
     ours, theirs = Taxonomy(a), Taxonomy(a[::-1])  # the same taxa, listed in another order
     assert ours.vocab[3] != theirs.vocab[3]
     state = {f"conditioner.embed.{r}.weight": torch.arange(len(v)).float()[:, None] for r, v in enumerate(theirs.vocab)}
-    moved = train.by_name(state, theirs.vocab, ours)
+    moved = by_name(state, theirs.vocab, ours)
     for r, names in enumerate(ours.vocab):
         for i, name in enumerate(names):  # our row for each name holds the checkpoint's row for that name
             assert moved[f"conditioner.embed.{r}.weight"][i].item() == theirs.vocab[r].index(name)
@@ -306,3 +313,19 @@ def test_attention_path_is_a_free_choice_between_stages(tmp_path):
     assert eps.shape == (1, 3, 16, 16) and torch.isfinite(eps).all()
     with pytest.raises(SystemExit):  # and the flag only takes the four paths
         train.parse_args(["--attention", "flash"])
+
+
+def test_a_resumed_stage_keeps_its_cool_down_under_another_level(tmp_path, monkeypatch):
+    """--level class cools the class stage down (it is the command's last); stopped, then resumed by
+    --level order, it still does: the stage keeps the schedule it started with, so resume stays bit for bit."""
+    cfg = replace(TINY, cooldown=0.5, save_every=1)
+    train.main(replace(cfg, out=str(tmp_path / "straight")))
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        train.main(replace(cfg, out=str(tmp_path / "resumed")))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "resumed" / "class.last.pt", weights_only=True)["cooldown_steps"] == 3
+    train.main(replace(cfg, level="order", out=str(tmp_path / "resumed")))
+    assert_same_weights(tmp_path / "straight" / "class.pt", tmp_path / "resumed" / "class.pt")
+    order = torch.load(tmp_path / "resumed" / "order.pt", weights_only=True)
+    assert order["optimizer"]["param_groups"][0]["lr"] == 0.0  # order, the new last stage, cooled down too

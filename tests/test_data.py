@@ -245,7 +245,8 @@ def test_two_stages_train_from_each_format(tmp_path, fmt, capsys, one_thread):
     out = tmp_path / "out"
     train.main(train.parse_args(TINY + ["--out", str(out)] + fixture_args(fmt, tmp_path / "data")))
     log = capsys.readouterr().out
-    assert "data: 24 images, 12 species; schedule progressive: class (2 steps) -> order (2 steps)" in log
+    assert ("data: 24 images, 12 species; schedule progressive: class (2 steps) -> order (2 steps, the last 1 cooling "
+            "down)") in log
     for level in ["class", "order"]:
         ckpt = torch.load(out / f"{level}.pt", weights_only=True)
         assert ckpt["train_config"]["data"].startswith(str(tmp_path)) and len(ckpt["lineages"]) == 12

@@ -269,8 +269,8 @@ def to_uint8(x):
 
 
 @torch.inference_mode()
-def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device):
-    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), DDIM with guidance scale `scale` (1 = off)."""
+def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device, sampler="ddim"):
+    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), with guidance scale `scale` (1 = off) and `sampler`."""
     cfg = model.unet.cfg
     gen = torch.Generator(device).manual_seed(seed)
     out = []
@@ -278,7 +278,7 @@ def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_
         b = ids[i:i + batch_size].to(device)  # (b, R)
         eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
         x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
-                             generator=gen, device=device)
+                             sampler=sampler, generator=gen, device=device)
         out.append(to_uint8(x[:, :3]).cpu())
     return torch.cat(out)
 
@@ -299,7 +299,7 @@ def evaluate_checkpoint(args):
     ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
     n = len(ids)
     print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
-          f"{args.steps} DDIM steps, --mode {args.mode}")
+          f"{args.steps} {args.sampler} steps, --mode {args.mode}")
 
     net = load_inception(args.inception, args.device)
     rows = []  # (name, n, FID, KID, accuracies, classifier FD)
@@ -322,7 +322,7 @@ def evaluate_checkpoint(args):
 
     for scale in args.guidance:
         images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
-                          args.sample_batch_size, args.seed, args.device)
+                          args.sample_batch_size, args.seed, args.device, args.sampler)
         feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
         acc, cf = None, None
         if toy:
@@ -380,7 +380,9 @@ def parse_args(argv=None):
     p.add_argument("inputs", nargs="*", help="two image folders or .npz files; or one checkpoint (.pt)")
     p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
     p.add_argument("--n-per-taxon", type=int, default=10, help="images generated per taxon of the finest rank")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim",
+                   help="dpm++: DPM-Solver++(2M), a second-order solver for fewer steps")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="one table row per scale; 1 = off")
     p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null")
     p.add_argument("--seed", type=int, default=0)

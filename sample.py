@@ -49,7 +49,7 @@ def main(args):
         row_ids = cut_lineage(ids[None], lv).expand(args.n, -1)  # (n, R)
         eps_fn = guided_eps_fn(diffusion, model, row_ids, args.guidance, args.guide_from, root_level)
         gen.manual_seed(args.seed + 1)  # the DDPM sampler's fresh noise is the same in every row too
-        rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, eta=1.0 if args.sampler == "ddpm" else 0.0,
+        rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, sampler=args.sampler,
                                      generator=gen, device=args.device, x_T=x_T))
         labels.append(taxonomy.vocab[lv][ids[lv].item()])
     out = args.out or os.path.join("out", "refine.png" if args.refine else "samples.png")
@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
     p.add_argument("--n", type=int, default=16, help="images (per row with --refine)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim",
+                   help="dpm++: DPM-Solver++(2M), a second-order solver for fewer steps")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale s; 1 = no guidance")
     p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
                    help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")

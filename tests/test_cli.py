@@ -61,6 +61,12 @@ def test_sample_refine_figure(trained):
     assert Image.open(trained / "refine.png").height == 2 * 32  # class row, order row
 
 
+def test_sample_with_dpm_solver(trained):
+    run("sample.py", "--lineage", "Corvus corax", "--n", "2", "--steps", "3", "--sampler", "dpm++",
+        "--out", "dpm.png", cwd=trained)
+    assert Image.open(trained / "dpm.png").size == (2 * 32, 32)
+
+
 def test_sample_list(trained):
     out = run("sample.py", "--list", cwd=trained).stdout
     assert "Passeriformes  (order)" in out and "Corvus corax  (species)" in out

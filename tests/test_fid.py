@@ -305,9 +305,14 @@ def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
     clf = fid.TaxonClassifier(vocab_sizes, 16).eval()
     monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
     args = fid.parse_args([str(tmp_path / "order.pt"), "--n-per-taxon", "2", "--steps", "2", "--guidance", "1", "2",
-                           "--device", "cpu"])
+                           "--sampler", "dpm++", "--device", "cpu"])
+    samplers = []
+    real_sample = fid.Diffusion.sample
+    monkeypatch.setattr(fid.Diffusion, "sample", lambda self, *a, **k: samplers.append(k["sampler"]) or
+                        real_sample(self, *a, **k))
     fid.main(args)
     out = capsys.readouterr().out
+    assert "2 dpm++ steps" in out and set(samplers) == {"dpm++"}
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| images | n | FID | KID x1e3 | class | order | family | genus | species")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| real toy images (a 2nd set)", "| no guidance",

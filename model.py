@@ -9,9 +9,15 @@ al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
 
 Read next: train.py (the stage-by-stage training loop), then sample.py.
 """
+import contextlib
+import errno
+import io
 import math
 import os
-from dataclasses import dataclass
+import pickle
+import shutil
+import zipfile
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -234,13 +240,24 @@ def save_checkpoint(path, **state):
 
     The data goes to a temporary file in the same folder and reaches the disk (fsync) before a rename
     puts it in place; the rename is atomic, and the folder's fsync makes the rename itself durable.
+    If the write fails (a full disk), the temporary file is removed and the old checkpoint stays as it was;
+    a full disk raises a CheckpointError that says where, how much was needed and what is intact.
     """
+    data = io.BytesIO()
+    torch.save(state, data)  # in memory first: its size is what the disk has to hold
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no half-written .tmp stays behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(no_space_message(path, data.getbuffer().nbytes)) from None
+        raise
     if os.name == "posix":  # a folder can be opened and fsynced there
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
@@ -254,9 +271,7 @@ def load_checkpoint(path, device="cpu"):
 
     Returns (ema model in eval mode, checkpoint dict).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: train one first with `python train.py`")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = read_checkpoint(path, device)
     model = build_model(ckpt)
     try:
         model.load_state_dict(ckpt["ema"])
@@ -300,3 +315,68 @@ def save_grid(x, path, ncols, labels=None):
             draw.text((3, r * H + H // 2 - 5), label, fill="black")
         img = canvas
     img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that cannot be read or written: one line that names the file and what is wrong
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be opened or saved; the message names the file and says why."""
+
+
+CHECKPOINT_KEYS = ("ema", "unet_config", "vocab_sizes", "lineages")  # what rebuilds a model and names its taxa
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) of a checkpoint train.py wrote, or one line saying which way the file is bad:
+    missing, not a checkpoint, truncated or damaged, holding Python objects, or from another version."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train one first with `python train.py`")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:  # a folder, no permission
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({e.strerror})") from None
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive, and every zip archive starts so
+        raise CheckpointError(f"{path} is not a checkpoint ({'an empty file' if not head else 'not a zip archive'}: "
+                              "torch.save writes zip archives)")
+    if not zipfile.is_zipfile(path):  # the archive's directory, written last, is missing: the file was cut short
+        raise CheckpointError(f"{path} is truncated (the end of its zip archive is missing): "
+                              "copy it again, or delete it and train it again")
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+            raise CheckpointError(f"{path} is not a checkpoint: a zip archive, but not one torch.save wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        if "Unsupported global" in str(e):  # weights_only met a class or function: rebuilding it runs code
+            raise CheckpointError(f"{path} holds pickled Python objects, and only plain-data checkpoints are opened "
+                                  "(tensors, numbers, strings, lists, dicts): no code from a file is run") from None
+        why = "its pickled data is garbled" if isinstance(e, pickle.UnpicklingError) else str(e).split(". ")[0]
+        raise CheckpointError(f"{path} is damaged ({why}): copy it again, or delete it and train it again") from None
+    if not isinstance(ckpt, dict) or not any(k in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of train.py: it holds no {', '.join(CHECKPOINT_KEYS)}")
+    differences = [f"no {k}" for k in CHECKPOINT_KEYS if k not in ckpt] + [
+        f"{what} {k}, unknown here" for what, cls in (("unet_config", UNetConfig), ("diffusion_config", DiffusionConfig))
+        for k in ckpt.get(what, {}) if k not in {f.name for f in fields(cls)}]
+    if differences:
+        raise CheckpointError(f"{path} was written by another version of train.py ({', '.join(differences)}): "
+                              "train it again, or use the version that wrote it")
+    return ckpt
+
+
+def no_space_message(path, nbytes):
+    """What save_checkpoint says when the disk is full: where, how much it needed, and what is intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        try:  # its step, if it has one (a stage checkpoint has)
+            step = f" (step {torch.load(path, weights_only=True, mmap=True)['step']})"
+        except Exception:
+            step = ""
+        kept = f"the previous {path}{step} is intact"
+    else:
+        kept = f"no earlier {path} exists"
+    return (f"no space left in {folder} to write {path}: it needs {nbytes / 1e6:.1f} MB and "
+            f"{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; {kept}")
+

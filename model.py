@@ -1,6 +1,7 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
-process (schedule, loss, samplers), guidance, EMA and checkpoints.
+process (schedule, loss, samplers), guidance, EMA and checkpoints; at the end,
+what the scripts share: the checks of their flags ("Command-line values").
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as the noise eps (or as v, see
@@ -9,6 +10,7 @@ al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
 
 Read next: train.py (the stage-by-stage training loop), then sample.py.
 """
+import argparse
 import contextlib
 import errno
 import io
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from unet import UNet, UNetConfig
+from unet import SIZES, UNet, UNetConfig
 
 # -----------------------------------------------------------------------------
 # Conditioning: a lineage of R ranks becomes R + 1 context tokens
@@ -380,3 +382,111 @@ def no_space_message(path, nbytes):
     return (f"no space left in {folder} to write {path}: it needs {nbytes / 1e6:.1f} MB and "
             f"{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; {kept}")
 
+
+# -----------------------------------------------------------------------------
+# Command-line values
+#
+# The type functions of every script's flags. Each turns the text after a flag into a value or raises
+# ArgumentTypeError saying what is allowed; argparse then ends with one line, exit status 2:
+#     train.py: error: argument --batch-size: must be a positive integer (got 0)
+
+MAX_INT = 2 ** 31 - 1  # the largest count or seed taken: every library it is handed to holds it
+
+
+def _integer(text, low, what):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what} (got '{text}')") from None
+    if not low <= n <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be {what}{f' up to {MAX_INT}' if n > MAX_INT else ''} (got {n})")
+    return n
+
+
+def positive_int(text):
+    """1, 2, ...: a batch size, a number of steps or images."""
+    return _integer(text, 1, "a positive integer")
+
+
+def nonneg_int(text):
+    """0, 1, 2, ...: a seed, or a count where 0 means none (or the default)."""
+    return _integer(text, 0, "a non-negative integer")
+
+
+def positive_int_list(text):
+    """Comma-separated positive integers such as '200,200,600', kept as the text (train.py stores it so)."""
+    try:
+        [positive_int(n) for n in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, e.g. 200,200,600 "
+                                         f"(got '{text}')") from None
+    return text
+
+
+def _number(text, ok, what):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what} (got '{text}')") from None
+    if not (math.isfinite(x) and ok(x)):  # nan and inf fail here
+        raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
+    return x
+
+
+def finite_float(text):
+    """Any number but nan and inf: a guidance scale."""
+    return _number(text, lambda x: True, "a finite number")
+
+
+def positive_float(text):
+    """A number > 0: a learning rate, a gradient-norm limit."""
+    return _number(text, lambda x: x > 0, "a positive number")
+
+
+def fraction(text):
+    """A number from 0 to 1: a probability, a decay, a share of the steps."""
+    return _number(text, lambda x: 0 <= x <= 1, "a number from 0 to 1")
+
+
+def input_path(text):
+    """A file or folder that exists; '' is the flag left unset."""
+    if text and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"must be an existing file or folder (got '{text}': not found)")
+    return text
+
+
+def output_path(text):
+    """A file or folder that can be written: it, or the nearest folder above it that exists, is writable."""
+    up = os.path.abspath(text)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not text:
+        why = "empty"
+    elif up != os.path.abspath(text) and not os.path.isdir(up):
+        why = f"{up} is a file"
+    elif not os.access(up, os.W_OK):
+        why = f"{up} is not writable"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"must be a path that can be written (got '{text}': {why})")
+
+
+def device_name(text):
+    """cpu, or cuda / cuda:N where that GPU is visible."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N (got '{text}')")
+    n = torch.cuda.device_count()
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise argparse.ArgumentTypeError(f"must be cpu{f' or cuda:0 to cuda:{n - 1}' if n else ': no GPU is visible'} "
+                                         f"(got '{text}')")
+    return text
+
+
+def size_multiple(size):
+    """The UNet of named size `size` halves the image len(channel_mults) - 1 times (unet.UNet): image sides
+    must be multiples of 2 to that power, or the way up does not meet the way down."""
+    return 2 ** (len(UNetConfig(**SIZES[size]).channel_mults) - 1)

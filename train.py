@@ -24,9 +24,11 @@ Read next: sample.py.
 import argparse
 import contextlib
 import copy
+import inspect
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -43,6 +45,8 @@ from model import (Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout,
                    guided_eps_fn, save_checkpoint, save_grid, to_device, update_ema)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data, normalize
 from unet import SIZES, UNetConfig
+from model import (CheckpointError, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
+                   positive_float, positive_int, positive_int_list, read_checkpoint, size_multiple)
 
 
 @dataclass
@@ -80,7 +84,7 @@ class TrainConfig:
     new_rank_init: str = "zero"  # a progressive stage's new rank table: zero (each new taxon starts as its parent)
     #   or random (N(0, 1), as the tables of a one-stage schedule start)
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N; cuda when a GPU is visible
     out: str = "out"  # checkpoints, grids and the log go here
     guidance: float = 3.0  # guidance scale of the grids (1 = none)
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
@@ -327,7 +331,7 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
 
     start, source = 0, prev_path or "scratch"
     if os.path.exists(last_path):  # an interrupted run of this stage: carry on exactly where it stopped
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(last_path)
         check_checkpoint(ckpt, last_path, cfg, taxonomy, resuming=True)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -337,7 +341,7 @@ def train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, ra
             set_rng_states(ckpt["rng"][rank])
         start, source = ckpt["step"], f"{last_path} at step {ckpt['step']}"
     elif prev_path:
-        prev = torch.load(prev_path, map_location="cpu", weights_only=True)
+        prev = read_checkpoint(prev_path)
         check_checkpoint(prev, prev_path, cfg, taxonomy, resuming=False)
         # The new rank's table was never used before, so it is still all zeros: every new taxon
         # starts exactly as its parent, and learns what differs.
@@ -471,6 +475,12 @@ def main(cfg):
             raise SystemExit(f"error: {e}")
         # The stages come from the full hierarchy, also for --schedule flat: the same total steps.
         plan = stage_plan(found, cfg.first_level, cfg.level)
+        skipped = [r for r in range(RANKS.index(cfg.first_level), RANKS.index(cfg.level) + 1) if r not in plan]
+        if skipped and rank == 0:  # a rank asked for gets no stage: say why before any training
+            print("note: no stage for " + ", ".join(
+                f"{RANKS[r]} (the data names none)" if found.size(r) == 0 else f"{RANKS[r]} ({found.size(r)} "
+                f"{'taxon' if found.size(r) == 1 else 'taxa'} in the data, no more than at a coarser rank: it splits "
+                "none)" for r in skipped) + "; training " + " -> ".join(RANKS[r] for r in plan))
         if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
             raw_lineages = [flat_lineage(lin) for lin in raw_lineages]
             found = Taxonomy(raw_lineages)
@@ -491,8 +501,7 @@ def main(cfg):
             for level, steps in to_train:
                 path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
                 if os.path.exists(path):
-                    check_checkpoint(torch.load(path, map_location="cpu", weights_only=True), path, cfg, taxonomy,
-                                     resuming=False)
+                    check_checkpoint(read_checkpoint(path), path, cfg, taxonomy, resuming=False)
                     if rank == 0:
                         print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
                 elif signum := train_stage(cfg, level, steps, stages, dataset, taxonomy, prev_path, log, rank, world,
@@ -506,22 +515,55 @@ def main(cfg):
             dist.destroy_process_group()
 
 
-def parse_args(argv=None):
-    """Every TrainConfig field is a flag: --batch-size 64, --level species, ..."""
+def build_parser():
+    """Every TrainConfig field is a flag (--batch-size 64, --level species, ...); its help is the field's comment."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if re.match(r"    \w+: ", line):  # a field: "    name: type = default  # comment"
+            name = line.split(":")[0].strip()
+            comments[name] = line.partition("  # ")[2]
+        elif line.strip().startswith("#"):  # "    #   more of the comment above"
+            comments[name] += " " + line.strip(" #")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments[f.name].replace("%", "%%")  # argparse formats help
         if f.type is bool:  # --amp, --compile: switches
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=text)
             continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
                    "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
                    "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"), "new_rank_init": ("zero", "random"),
                    "loss_weight": ("eps", "v"), "attention": ("auto", "triton", "sdpa", "torch")}.get(f.name)
-        parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
-                            help=f"default: {f.default}")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+        # what each value may be (model.py, "Command-line values"); the other strings are free text
+        kind = {"steps": nonneg_int, "batch_size": positive_int, "lr": positive_float, "warmup": positive_int,
+                "cooldown": fraction, "embed_lr_mult": positive_float, "grad_clip": positive_float,
+                "ema_decay": fraction, "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list,
+                "image_size": positive_int, "per_species": positive_int, "image_root": input_path,
+                "boxes": input_path, "workers": nonneg_int, "seed": nonneg_int, "device": device_name,
+                "out": output_path, "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int,
+                "save_every": nonneg_int}.get(f.name, str)
+        default = " (default: %(default)s)" if f.default != "" else ""
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text + default)
+    return parser
+
+
+def parse_args(argv=None):
+    """The TrainConfig of a command line; values that only fail together end here too, in argparse's one line."""
+    parser = build_parser()
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
+        parser.error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
+                     f"(got {cfg.image_size})")
+    if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):
+        parser.error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
+    if cfg.p_uncond + cfg.p_cut > 1:
+        parser.error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
+                     f"as both are shares of one random draw (got {cfg.p_cut:g})")
+    return cfg
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except CheckpointError as e:  # a checkpoint that cannot be read or written (a full disk)
+        sys.exit(f"error: {e}")

@@ -359,8 +359,9 @@ def read_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path} is damaged ({why}): copy it again, or delete it and train it again") from None
     if not isinstance(ckpt, dict) or not any(k in ckpt for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of train.py: it holds no {', '.join(CHECKPOINT_KEYS)}")
+    configs = {"unet_config": UNetConfig, "diffusion_config": DiffusionConfig}
     differences = [f"no {k}" for k in CHECKPOINT_KEYS if k not in ckpt] + [
-        f"{what} {k}, unknown here" for what, cls in (("unet_config", UNetConfig), ("diffusion_config", DiffusionConfig))
+        f"{what} {k}, unknown here" for what, cls in configs.items()
         for k in ckpt.get(what, {}) if k not in {f.name for f in fields(cls)}]
     if differences:
         raise CheckpointError(f"{path} was written by another version of train.py ({', '.join(differences)}): "

@@ -477,10 +477,11 @@ def main(cfg):
         plan = stage_plan(found, cfg.first_level, cfg.level)
         skipped = [r for r in range(RANKS.index(cfg.first_level), RANKS.index(cfg.level) + 1) if r not in plan]
         if skipped and rank == 0:  # a rank asked for gets no stage: say why before any training
-            print("note: no stage for " + ", ".join(
-                f"{RANKS[r]} (the data names none)" if found.size(r) == 0 else f"{RANKS[r]} ({found.size(r)} "
-                f"{'taxon' if found.size(r) == 1 else 'taxa'} in the data, no more than at a coarser rank: it splits "
-                "none)" for r in skipped) + "; training " + " -> ".join(RANKS[r] for r in plan))
+            why = {"no more taxa in the data than a coarser rank: nothing new to split":
+                   [r for r in skipped if found.size(r)], "the data names none": [r for r in skipped if not found.size(r)]}
+            print("note: no stage for " + ", ".join(f"{', '.join(RANKS[r] for r in ranks)} ({reason})"
+                                                   for reason, ranks in why.items() if ranks)
+                  + "; training " + " -> ".join(RANKS[r] for r in plan))
         if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
             raw_lineages = [flat_lineage(lin) for lin in raw_lineages]
             found = Taxonomy(raw_lineages)

@@ -107,7 +107,7 @@ def test_full_disk_keeps_the_old_checkpoint_and_leaves_no_tmp(tmp_path, monkeypa
         save_checkpoint(str(path), **big)
     message = str(err.value)
     assert message.startswith(f"no space left in {tmp_path} to write {path}: it needs 1.0 MB and ")
-    assert message.endswith(f"MB are free; the previous {path} (step 200) is intact") and "\n" not in message
+    assert message.endswith(f"B are free; the previous {path} (step 200) is intact") and "\n" not in message
     assert not (tmp_path / "class.last.pt.tmp").exists()
     assert path.read_bytes() == before
     monkeypatch.undo()
@@ -139,8 +139,23 @@ def test_a_run_that_fills_the_disk_stops_with_its_last_checkpoint_whole(tmp_path
     cfg = train.TrainConfig(level="class", size="tiny", image_size=16, per_species=2, batch_size=8, steps=2,
                             save_every=1, grid_cols=2, grid_steps=2, device="cpu", out=str(tmp_path))
     with pytest.raises(CheckpointError, match=rf"^no space left in {tmp_path} to write {tmp_path}/class.last.pt: "
-                                              rf"it needs \d+\.\d MB and .* MB are free; the previous "
+                                              rf"it needs \d+\.\d MB and .* are free; the previous "
                                               rf"{tmp_path}/class.last.pt \(step 1\) is intact$"):
         train.main(cfg)  # train.py's __main__ turns this into "error: no space left ..." (exit 1)
     assert sorted(os.listdir(tmp_path)) == ["class.last.pt", "train.log"]
     assert read_checkpoint(str(tmp_path / "class.last.pt"))["step"] == 1
+
+
+def test_ranks_without_a_stage_are_named_before_training(tmp_path, capsys):
+    """One genus of one species: the ranks --level asks for get no stage, and train.py says why first."""
+    import train
+    from fixtures import save, species, toy_image
+    s, lineage, traits = species()[0]  # Animalia/Chordata/Aves/Passeriformes/Corvidae/Corvus/Corvus corax
+    for k in range(4):  # folders down to the genus: the data names no species
+        save(toy_image(s, traits, k), tmp_path.joinpath("data", *lineage[2:6], f"{k}.png"))
+    cfg = train.TrainConfig(level="species", data=str(tmp_path / "data"), top_rank="class", workers=0,
+                            out=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="has 4 images, fewer than --batch-size 32"):  # stops before training
+        train.main(cfg)
+    assert ("note: no stage for order, family, genus (no more taxa in the data than a coarser rank: nothing new "
+            "to split), species (the data names none); training class\n") in capsys.readouterr().out

@@ -380,10 +380,8 @@ def no_space_message(path, nbytes):
         kept = f"the previous {path}{step} is intact"
     else:
         kept = f"no earlier {path} exists"
-    def size(n):
-        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-    return (f"no space left in {folder} to write {path}: it needs {size(nbytes)} and "
-            f"{size(shutil.disk_usage(folder).free)} are free; {kept}")
+    return (f"no space left in {folder} to write {path}: it needs {nbytes / 1e6:,.1f} MB and "
+            f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB are free; {kept}")
 
 
 # -----------------------------------------------------------------------------

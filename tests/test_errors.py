@@ -107,7 +107,7 @@ def test_full_disk_keeps_the_old_checkpoint_and_leaves_no_tmp(tmp_path, monkeypa
         save_checkpoint(str(path), **big)
     message = str(err.value)
     assert message.startswith(f"no space left in {tmp_path} to write {path}: it needs 1.0 MB and ")
-    assert message.endswith(f"B are free; the previous {path} (step 200) is intact") and "\n" not in message
+    assert message.endswith(f"MB are free; the previous {path} (step 200) is intact") and "\n" not in message
     assert not (tmp_path / "class.last.pt.tmp").exists()
     assert path.read_bytes() == before
     monkeypatch.undo()
@@ -139,7 +139,7 @@ def test_a_run_that_fills_the_disk_stops_with_its_last_checkpoint_whole(tmp_path
     cfg = train.TrainConfig(level="class", size="tiny", image_size=16, per_species=2, batch_size=8, steps=2,
                             save_every=1, grid_cols=2, grid_steps=2, device="cpu", out=str(tmp_path))
     with pytest.raises(CheckpointError, match=rf"^no space left in {tmp_path} to write {tmp_path}/class.last.pt: "
-                                              rf"it needs \d+\.\d MB and .* are free; the previous "
+                                              rf"it needs \d+\.\d MB and .* MB are free; the previous "
                                               rf"{tmp_path}/class.last.pt \(step 1\) is intact$"):
         train.main(cfg)  # train.py's __main__ turns this into "error: no space left ..." (exit 1)
     assert sorted(os.listdir(tmp_path)) == ["class.last.pt", "train.log"]

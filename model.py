@@ -1,7 +1,8 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers), guidance, EMA and checkpoints; at the end,
-what the scripts share: the checks of their flags ("Command-line values").
+the one-line errors of a bad checkpoint or a full disk, and what the scripts
+share: the checks of their flags ("Command-line values").
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as the noise eps (or as v, see

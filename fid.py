@@ -51,6 +51,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import Diffusion, DiffusionConfig, finest_checkpoint, guided_eps_fn, load_checkpoint
+from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int
 from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, toy_dataset
 
 # -----------------------------------------------------------------------------
@@ -375,28 +376,43 @@ def compare_sets(args):
             print(f"KID: {kid:.6f} ± {std:.6f}")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="two image folders or .npz files; or one checkpoint (.pt)")
-    p.add_argument("--ckpt", default=None, help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
-    p.add_argument("--n-per-taxon", type=int, default=10, help="images generated per taxon of the finest rank")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("inputs", nargs="*", type=input_path,
+                   help="two image folders or .npz files; or one checkpoint (.pt)")
+    p.add_argument("--ckpt", type=input_path, default=None,
+                   help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
+    p.add_argument("--n-per-taxon", type=positive_int, default=10,
+                   help="images generated per taxon of the finest rank")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (network calls per guidance branch)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim",
                    help="dpm++: DPM-Solver++(2M), a second-order solver for fewer steps")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="one table row per scale; 1 = off")
-    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real", default=None, help="real images (folder or .npz) for a checkpoint not trained on the toy tree")
+    p.add_argument("--guidance", type=finite_float, nargs="+", default=[1.0, 3.0],
+                   help="one table row per scale; 1 = off")
+    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
+                   help="negative branch of guidance: null = vanilla CFG, parent = one rank up, root = TaxaGuide")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling noise")
+    p.add_argument("--real", type=input_path, default=None,
+                   help="real images (folder or .npz) for a checkpoint not trained on the toy tree")
     p.add_argument("--mode", choices=MODES, default="torchmetrics", help="how images are resized to 299 (see preprocess)")
-    p.add_argument("--inception", default=None, help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--save-stats", default=None, help="write mu and sigma of the first input to this .npz")
-    p.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    p.add_argument("--sample-batch-size", type=int, default=64, help="sampling batch size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--inception", type=input_path, default=None,
+                   help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--save-stats", type=output_path, default=None,
+                   help="write mu and sigma of the first input to this .npz")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="Inception batch size")
+    p.add_argument("--sample-batch-size", type=positive_int, default=64, help="sampling batch size")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run: cpu, cuda or cuda:N")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if len(args.inputs) == 1 and args.inputs[0].endswith(".pt"):
         args.ckpt, args.inputs = args.inputs[0], []
-    if args.ckpt is None and not args.inputs:
+    if not args.ckpt and not args.inputs:  # also --ckpt '': the flag left unset
         args.ckpt = finest_checkpoint("out")
     if args.inputs and (len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats)):
         p.error("give two image folders or .npz files (or one with --save-stats), or one checkpoint")

@@ -1,6 +1,8 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
-process (schedule, loss, samplers), guidance, EMA and checkpoints.
+process (schedule, loss, samplers), guidance, EMA and checkpoints; at the end,
+the one-line errors of a bad checkpoint or a full disk, and what the scripts
+share: the checks of their flags ("Command-line values").
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
@@ -10,16 +12,23 @@ at the end also read the taxonomy (taxonomy.py), to match taxa by name.
 
 Read next: train.py (the stage-by-stage training loop), then sample.py.
 """
+import argparse
+import contextlib
+import errno
+import io
 import math
 import os
-from dataclasses import dataclass
+import pickle
+import shutil
+import zipfile
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from taxonomy import RANKS, normalize
-from unet import UNet, UNetConfig
+from taxonomy import RANKS, normalize, species_counts
+from unet import SIZES, UNet, UNetConfig
 
 # -----------------------------------------------------------------------------
 # Conditioning: a lineage of R ranks becomes R + 1 context tokens
@@ -305,30 +314,30 @@ def save_checkpoint(path, **state):
 
     The data goes to a temporary file in the same folder and reaches the disk (fsync) before a rename
     puts it in place; the rename is atomic, and the folder's fsync makes the rename itself durable.
+    If the write fails (a full disk), the temporary file is removed and the old checkpoint stays as it was;
+    a full disk raises a CheckpointError that says where, how much was needed and what is intact.
     """
+    data = io.BytesIO()
+    torch.save(state, data)  # in memory first: its size is what the disk has to hold
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C: no half-written .tmp stays behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(no_space_message(path, data.getbuffer().nbytes)) from None
+        raise
     if os.name == "posix":  # a folder can be opened and fsynced there
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message names the file and what to do (scripts print it in one line)."""
-
-
-def read_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True (no pickled code is run): a checkpoint is plain data."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} not found: train one first with `python train.py`")
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -438,3 +447,188 @@ def save_grid(x, path, ncols, labels=None):
             draw.text((3, r * H + H // 2 - 5), label, fill="black", font=font)
         img = canvas
     img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that cannot be read or written: one line that names the file and what is wrong
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be opened or saved; the message names the file and says why."""
+
+
+CHECKPOINT_KEYS = ("ema", "unet_config", "vocab_sizes", "lineages")  # what rebuilds a model and names its taxa
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) of a checkpoint train.py wrote, or one line saying which way the file is bad:
+    missing, not a checkpoint, truncated or damaged, holding Python objects, or from another version."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} not found: train one first with `python train.py`")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:  # a folder, no permission
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({e.strerror})") from None
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive, and every zip archive starts so
+        raise CheckpointError(f"{path} is not a checkpoint ({'an empty file' if not head else 'not a zip archive'}: "
+                              "torch.save writes zip archives)")
+    if not zipfile.is_zipfile(path):  # the archive's directory, written last, is missing: the file was cut short
+        raise CheckpointError(f"{path} is truncated (the end of its zip archive is missing): "
+                              "copy it again, or delete it and train it again")
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.endswith("/data.pkl") for name in archive.namelist()):
+            raise CheckpointError(f"{path} is not a checkpoint: a zip archive, but not one torch.save wrote")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        if "Unsupported global" in str(e):  # weights_only met a class or function: rebuilding it runs code
+            raise CheckpointError(f"{path} holds pickled Python objects, and only plain-data checkpoints are opened "
+                                  "(tensors, numbers, strings, lists, dicts): no code from a file is run") from None
+        why = "its pickled data is garbled" if isinstance(e, pickle.UnpicklingError) else str(e).split(". ")[0]
+        raise CheckpointError(f"{path} is damaged ({why}): copy it again, or delete it and train it again") from None
+    if not isinstance(ckpt, dict) or not any(k in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of train.py: it holds no {', '.join(CHECKPOINT_KEYS)}")
+    configs = {"unet_config": UNetConfig, "diffusion_config": DiffusionConfig}
+    differences = [f"no {k}" for k in CHECKPOINT_KEYS if k not in ckpt] + [
+        f"{what} {k}, unknown here" for what, cls in configs.items()
+        for k in ckpt.get(what, {}) if k not in {f.name for f in fields(cls)}]
+    if differences:
+        raise CheckpointError(f"{path} was written by another version of train.py ({', '.join(differences)}): "
+                              "train it again, or use the version that wrote it")
+    return ckpt
+
+
+def no_space_message(path, nbytes):
+    """What save_checkpoint says when the disk is full: where, how much it needed, and what is intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        try:  # its step, if it has one (a stage checkpoint has)
+            step = f" (step {torch.load(path, weights_only=True, mmap=True)['step']})"
+        except Exception:
+            step = ""
+        kept = f"the previous {path}{step} is intact"
+    else:
+        kept = f"no earlier {path} exists"
+    return (f"no space left in {folder} to write {path}: it needs {nbytes / 1e6:,.1f} MB and "
+            f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB are free; {kept}")
+
+
+# -----------------------------------------------------------------------------
+# Command-line values
+#
+# The type functions of every script's flags. Each turns the text after a flag into a value or raises
+# ArgumentTypeError saying what is allowed; argparse then ends with one line, exit status 2:
+#     train.py: error: argument --batch-size: must be a positive integer (got 0)
+
+MAX_INT = 2 ** 31 - 1  # the largest count or seed taken: every library it is handed to holds it
+
+
+def _integer(text, low, what):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what} (got '{text}')") from None
+    if not low <= n <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be {what}{f' up to {MAX_INT}' if n > MAX_INT else ''} (got {n})")
+    return n
+
+
+def positive_int(text):
+    """1, 2, ...: a batch size, a number of steps or images."""
+    return _integer(text, 1, "a positive integer")
+
+
+def nonneg_int(text):
+    """0, 1, 2, ...: a seed, or a count where 0 means none (or the default)."""
+    return _integer(text, 0, "a non-negative integer")
+
+
+def per_species(text):
+    """--per-species: a count of images, or a long-tailed tree (taxonomy.species_counts)."""
+    try:
+        if min(species_counts(text)) < 1:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive count (64), pairs:RICH/RARE (pairs:64/4) or "
+                                         f"zipf:MAX (zipf:64), all at least 1 (got '{text}')") from None
+    return text
+
+
+def positive_int_list(text):
+    """Comma-separated positive integers such as '200,200,600', kept as the text (train.py stores it so)."""
+    try:
+        [positive_int(n) for n in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, e.g. 200,200,600 "
+                                         f"(got '{text}')") from None
+    return text
+
+
+def _number(text, ok, what):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what} (got '{text}')") from None
+    if not (math.isfinite(x) and ok(x)):  # nan and inf fail here
+        raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
+    return x
+
+
+def finite_float(text):
+    """Any number but nan and inf: a guidance scale."""
+    return _number(text, lambda x: True, "a finite number")
+
+
+def positive_float(text):
+    """A number > 0: a learning rate, a gradient-norm limit."""
+    return _number(text, lambda x: x > 0, "a positive number")
+
+
+def fraction(text):
+    """A number from 0 to 1: a probability, a decay, a share of the steps."""
+    return _number(text, lambda x: 0 <= x <= 1, "a number from 0 to 1")
+
+
+def input_path(text):
+    """A file or folder that exists; '' is the flag left unset."""
+    if text and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"must be an existing file or folder (got '{text}': not found)")
+    return text
+
+
+def output_path(text):
+    """A file or folder that can be written: it, or the nearest folder above it that exists, is writable."""
+    up = os.path.abspath(text)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not text:
+        why = "empty"
+    elif up != os.path.abspath(text) and not os.path.isdir(up):
+        why = f"{up} is a file"
+    elif not os.access(up, os.W_OK):
+        why = f"{up} is not writable"
+    else:
+        return text
+    raise argparse.ArgumentTypeError(f"must be a path that can be written (got '{text}': {why})")
+
+
+def device_name(text):
+    """cpu, or cuda / cuda:N where that GPU is visible."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N (got '{text}')")
+    n = torch.cuda.device_count()
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise argparse.ArgumentTypeError(f"must be cpu{f' or cuda:0 to cuda:{n - 1}' if n else ': no GPU is visible'} "
+                                         f"(got '{text}')")
+    return text
+
+
+def size_multiple(size):
+    """The UNet of named size `size` halves the image len(channel_mults) - 1 times (unet.UNet): image sides
+    must be multiples of 2 to that power, or the way up does not meet the way down."""
+    return 2 ** (len(UNetConfig(**SIZES[size]).channel_mults) - 1)

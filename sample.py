@@ -17,6 +17,7 @@ import torch
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, cut_lineage, deepest_rank, finest_checkpoint,
                    guided_eps_fn, load_checkpoint, save_grid)
+from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int
 from taxonomy import RANKS, LineageError, Taxonomy
 
 
@@ -58,23 +59,29 @@ def main(args):
     print(f"{len(rows) * args.n} images of '{name}' -> {out}")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
-    p.add_argument("--n", type=int, default=16, help="images (per row with --refine)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--n", type=positive_int, default=16, help="images (per row with --refine)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim",
                    help="dpm++: DPM-Solver++(2M), a second-order solver for fewer steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale s; 1 = no guidance")
+    p.add_argument("--guidance", type=finite_float, default=3.0, help="guidance scale s; 1 = no guidance")
     p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
                    help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
     p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt", default=None, help="default: the finest stage checkpoint in out/")
-    p.add_argument("--out", default=None, help="PNG to write (default: out/samples.png, or out/refine.png)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--ckpt", type=input_path, default=None, help="default: the finest stage checkpoint in out/")
+    p.add_argument("--out", type=output_path, default=None,
+                   help="PNG to write (default: out/samples.png, or out/refine.png)")
     p.add_argument("--list", action="store_true", help="print the checkpoint's taxonomy tree and exit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ Read next: sample.py.
 import argparse
 import contextlib
 import copy
+import inspect
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -44,8 +46,12 @@ from tqdm import tqdm
 from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
                    condition_dropout, cut_lineage, guided_eps_fn, read_checkpoint, save_checkpoint, save_grid,
                    to_device, update_ema)
+from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, per_species,
+                   positive_float, positive_int, positive_int_list, size_multiple)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
 from unet import SIZES, UNetConfig
+from model import (CheckpointError, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
+                   positive_float, positive_int, positive_int_list, read_checkpoint, size_multiple)
 
 
 @dataclass
@@ -82,7 +88,7 @@ class TrainConfig:
     conflicts: str = "error"  # a taxon under two parents: error, or keep-first (warn, follow the first parent)
     # the run
     seed: int = 0  # seeds the toy data, the weights, the batches and the grids
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N; cuda when a GPU is visible
     out: str = "out"  # checkpoints, grids, the image cache and the log go here
     workers: int = min(8, os.cpu_count() or 1)  # processes decoding images on the first pass (then cached in --out)
     save_every: int = 200  # rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)
@@ -285,7 +291,7 @@ def main(cfg):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         check_run(cfg, world)
-        dataset, taxonomy, plan = load_dataset(cfg)
+        dataset, taxonomy, plan = load_dataset(cfg, rank)
         to_train = schedule_stages(cfg, plan)
         if rank == 0:
             print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
@@ -315,7 +321,7 @@ def main(cfg):
             dist.destroy_process_group()
 
 
-def load_dataset(cfg):
+def load_dataset(cfg, rank=0):
     """The images, the taxonomy (built once) and the plan of stage ranks; bad data ends here, in one line,
     before any checkpoint is touched."""
     try:
@@ -326,6 +332,13 @@ def load_dataset(cfg):
     except DataError as e:
         raise SystemExit(f"error: {e}")
     plan = stage_plan(found, cfg.first_level, cfg.level)  # from the full hierarchy, also for flat: the same steps
+    skipped = [r for r in range(RANKS.index(cfg.first_level), RANKS.index(cfg.level) + 1) if r not in plan]
+    if skipped and rank == 0:  # a rank asked for gets no stage: say why before any training
+        why = {"no more taxa in the data than a coarser rank: nothing new to split":
+               [r for r in skipped if found.size(r)], "the data names none": [r for r in skipped if not found.size(r)]}
+        print("note: no stage for " + ", ".join(f"{', '.join(RANKS[r] for r in ranks)} ({reason})"
+                                               for reason, ranks in why.items() if ranks)
+              + "; training " + " -> ".join(RANKS[r] for r in plan))
     if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
         lineages = [flat_lineage(lin) for lin in lineages]
         found = Taxonomy(lineages)
@@ -338,7 +351,8 @@ def load_dataset(cfg):
 
 
 def check_run(cfg, world):
-    """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split."""
+    """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
+    (the flags' own values are checked as they are parsed: parse_args)."""
     try:
         os.makedirs(cfg.out, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out).close()
@@ -347,9 +361,6 @@ def check_run(cfg, world):
     if cfg.amp and not cfg.device.startswith("cuda"):
         raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
                          "where bf16 is many times slower than fp32; drop --amp")
-    if not all(n.strip().isdigit() and int(n) > 0 for n in cfg.stage_steps.split(",")):
-        raise SystemExit(f"error: --stage-steps '{cfg.stage_steps}' is not a comma-separated list of positive "
-                         "step counts, e.g. 200,200,600,800,1800")
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
 
@@ -525,22 +536,52 @@ def catch_stop_signals():
     return seen
 
 
-def parse_args(argv=None):
-    """Every TrainConfig field is a flag: --batch-size 64, --level species, ..."""
+def build_parser():
+    """Every TrainConfig field is a flag (--batch-size 64, --level species, ...); its help is the field's comment."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if re.match(r"    \w+: ", line):  # a field: "    name: type = default  # comment"
+            comments[line.split(":")[0].strip()] = line.partition("  # ")[2]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), comments[f.name].replace("%", "%%")  # argparse formats help
         if f.type is bool:  # --amp, --compile: switches
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=text)
             continue
         choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
                    "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
                    "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"), "new_rank_init": ("zero", "random"),
                    "loss_weight": ("eps", "v"), "attention": ("auto", "triton", "sdpa", "torch")}.get(f.name)
-        parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
-                            help=f"default: {f.default}")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+        # what each value may be (model.py, "Command-line values"); the other strings are free text
+        kind = {"steps": nonneg_int, "batch_size": positive_int, "lr": positive_float, "warmup": positive_int,
+                "cooldown": fraction, "embed_lr_mult": positive_float, "grad_clip": positive_float,
+                "ema_decay": fraction, "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list,
+                "image_size": positive_int, "per_species": per_species, "image_root": input_path,
+                "boxes": input_path, "workers": nonneg_int, "seed": nonneg_int, "device": device_name,
+                "out": output_path, "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int,
+                "save_every": nonneg_int}.get(f.name, str)
+        default = " (default: %(default)s)" if f.default != "" else ""
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text + default)
+    return parser
+
+
+def parse_args(argv=None):
+    """The TrainConfig of a command line; values that only fail together end here too, in argparse's one line."""
+    parser = build_parser()
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
+        parser.error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
+                     f"(got {cfg.image_size})")
+    if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):
+        parser.error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
+    if cfg.p_uncond + cfg.p_cut > 1:
+        parser.error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
+                     f"as both are shares of one random draw (got {cfg.p_cut:g})")
+    return cfg
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except CheckpointError as e:  # a checkpoint that cannot be read or written (a full disk)
+        sys.exit(f"error: {e}")

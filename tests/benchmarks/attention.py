@@ -251,13 +251,17 @@ def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
           " | ".join(f"{1000 / statistics.median(v):.1f}" for v in ms.values()) + " |", flush=True)
 
 
-if __name__ == "__main__":
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="try other block sizes at the standard shape")
     p.add_argument("--unet-sweep", action="store_true", help="try launch configurations at the UNet's shapes")
     p.add_argument("--overhead", action="store_true", help="GPU time against CPU launch time at the UNet's shapes")
     p.add_argument("--steps-only", action="store_true", help="only the UNet training steps (skip the kernel table)")
-    args = p.parse_args()
+    return p
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU; on the CPU the UNet uses the PyTorch reference attention")
         sys.exit(0)

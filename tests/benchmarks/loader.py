@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the repository root, tests/
 from fixtures import make_jpeg_tree  # noqa: E402
 from model import Diffusion, DiffusionConfig, TaxaDiffusion  # noqa: E402
+from model import device_name, nonneg_int, output_path, positive_int, size_multiple  # noqa: E402
 from taxonomy import TaxonDataset, build_taxonomy, load_data  # noqa: E402
 from unet import SIZES, UNetConfig  # noqa: E402
 
@@ -90,14 +91,29 @@ def main(args):
                   f"the cached loader is {len(dataset) / steady / rate:.0f}x faster than training needs")
 
 
-if __name__ == "__main__":
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=3072, help="JPEGs to write (rounded to a multiple of 48 species)")
-    p.add_argument("--size", type=int, default=64, help="--image-size of the model")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
-    p.add_argument("--dir", default=None, help="write the JPEGs here instead of a temporary folder (kept)")
+    p.add_argument("--images", type=positive_int, default=3072,
+                   help="JPEGs to write (rounded to a multiple of 48 species)")
+    p.add_argument("--size", type=positive_int, default=64, help="--image-size of the model")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonneg_int, default=os.cpu_count(), help="decoding processes")
+    p.add_argument("--dir", type=output_path, default=None,
+                   help="write the JPEGs here instead of a temporary folder (kept)")
     p.add_argument("--model", default="small", choices=SIZES, help="UNet size for the training-step rate")
-    p.add_argument("--train-steps", type=int, default=3, help="training steps to time (0 = skip)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    main(p.parse_args())
+    p.add_argument("--train-steps", type=nonneg_int, default=3, help="training steps to time (0 = skip)")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.size % size_multiple(args.model):  # the UNet halves the image, then doubles it back
+        p.error(f"argument --size: must be a multiple of {size_multiple(args.model)} for --model {args.model} "
+                f"(got {args.size})")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

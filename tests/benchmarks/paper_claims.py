@@ -48,7 +48,10 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
+from model import (device_name, finite_float, fraction, nonneg_int, output_path, per_species,  # noqa: E402
+                   positive_int, positive_int_list)
 from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset  # noqa: E402
+from unet import SIZES  # noqa: E402
 
 SCHEDULES = ("progressive", "all", "random", "flat")
 NEGATIVES = ("null", "parent", "root")
@@ -370,7 +373,7 @@ def run_cells(args, cells, real, net, clf, clf_tax):
             shutil.copy(result, os.path.join(args.results, name, "result.json"))
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schedules", nargs="+", default=["progressive", "flat"], choices=SCHEDULES,
                    help="training schedules, one cell each (progressive and flat first: the largest gap)")
@@ -378,37 +381,43 @@ def main():
                    help="freezing policies of the progressive cells (train.py --freeze); one cell each")
     p.add_argument("--new-rank-init", nargs="+", default=["zero"], choices=INITS,
                    help="how the progressive cells' new rank tables start (train.py --new-rank-init); one cell each")
-    p.add_argument("--k", nargs="+", default=["4", "pairs:64/4"],
+    p.add_argument("--k", type=per_species, nargs="+", default=["4", "pairs:64/4"],
                    help="train.py --per-species: images per species (4), or a long tail (pairs:64/4, zipf:64)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", default="small", help="UNet size (unet.SIZES)")
-    p.add_argument("--stage-steps", nargs="+", default=[STAGE_STEPS],
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=[0, 1, 2], help="one cell each")
+    p.add_argument("--size", default="small", choices=SIZES, help="UNet size (unet.SIZES)")
+    p.add_argument("--stage-steps", type=positive_int_list, nargs="+", default=[STAGE_STEPS],
                    help="train.py --stage-steps, one cell each; the one-stage schedules train the sum "
                         "(default: train.py's, 3,600 steps)")
-    p.add_argument("--p-uncond", type=float, nargs="+", default=[BASE["p_uncond"]],
+    p.add_argument("--p-uncond", type=fraction, nargs="+", default=[BASE["p_uncond"]],
                    help="train.py --p-uncond (the whole lineage dropped), one cell each")
-    p.add_argument("--p-cut", type=float, nargs="+", default=[BASE["p_cut"]],
+    p.add_argument("--p-cut", type=fraction, nargs="+", default=[BASE["p_cut"]],
                    help="train.py --p-cut (the lineage cut at a coarser rank), one cell each")
-    p.add_argument("--cooldown", type=float, default=0.3,
+    p.add_argument("--cooldown", type=fraction, default=0.3,
                    help="train.py --cooldown: the same number of decaying steps in every schedule (train.py's default)")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
+    p.add_argument("--guidance", type=finite_float, default=3.0, help="guidance scale of the scored samples")
+    p.add_argument("--guidance-sweep", type=finite_float, nargs="+", default=None, metavar="SCALE",
                    help="no training: score the finished cells of the selected grid at these scales (CFG)")
-    p.add_argument("--n-per-species", type=int, default=8, help="generated images per species and negative")
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--seed-sampling", type=int, default=0)
+    p.add_argument("--n-per-species", type=positive_int, default=8, help="generated images per species and negative")
+    p.add_argument("--sample-steps", type=positive_int, default=20, help="DDIM steps of the scored samples")
+    p.add_argument("--seed-sampling", type=nonneg_int, default=0, help="seed of the scored samples' noise")
     p.add_argument("--no-fid", action="store_true", help="skip FID/KID (no Inception weights, or to save time)")
-    p.add_argument("--parallel", type=int, default=1,
+    p.add_argument("--parallel", type=positive_int, default=1,
                    help="cells trained at once, each on cpu_count / N threads (2 on 2 cores: 1.2x the throughput)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by --parallel for its children
     p.add_argument("--quick", action="store_true", help="k = 4, one seed, 20 steps per stage: a pipeline check")
     p.add_argument("--report", action="store_true", help="only write the table and figure")
-    p.add_argument("--out", default=os.path.join("out", "claims"))
-    p.add_argument("--results", default=os.path.join(ROOT, "tests", "benchmarks", "results", "claims"),
+    p.add_argument("--out", type=output_path, default=os.path.join("out", "claims"),
+                   help="each cell trains in a folder of its own under here")
+    p.add_argument("--results", type=output_path, default=os.path.join(ROOT, "tests", "benchmarks", "results", "claims"),
                    help="each finished cell's result.json is copied here (committed; --report --out reads it)")
-    p.add_argument("--figure", default=None, help="default: <out>/species_vs_k.png")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    p.add_argument("--figure", type=output_path, default=None, help="default: <out>/species_vs_k.png")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train and sample: cpu, cuda or cuda:N")
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     if args.quick:
         args.k, args.seeds, args.stage_steps, args.n_per_species, args.sample_steps = ["4"], [0], ["20"], 1, 5
         args.out, args.results = os.path.join(args.out, "quick"), None

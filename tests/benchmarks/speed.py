@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn, to_device  # noqa: E402
+from model import device_name, positive_int  # noqa: E402
 from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 
@@ -198,15 +199,19 @@ def peak_rss(name, device):
     return float(out.stdout.split()[-1]) if out.returncode == 0 else float("nan")
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5, help="rounds; each figure is the median over them")
-    p.add_argument("--train-steps", type=int, default=5, help="timed train steps per round and batch size")
-    p.add_argument("--n-sample", type=int, default=64, help="images per sampling run")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per sampling run")
+    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--repeats", type=positive_int, default=5, help="rounds; each figure is the median over them")
+    p.add_argument("--train-steps", type=positive_int, default=5, help="timed train steps per round and batch size")
+    p.add_argument("--n-sample", type=positive_int, default=64, help="images per sampling run")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps per sampling run")
     p.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     device = args.device
     if args.rss_child:
         return rss_child(args.rss_child, device)

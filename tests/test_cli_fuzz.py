@@ -1,0 +1,195 @@
+"""Fuzz every command line: each flag of each script, given bad values of its kind, ends in one line.
+
+The flags come from each script's own parser (build_parser()), so a flag added tomorrow is fuzzed
+tomorrow, and a number flag added without a checking type fails test_every_flag_has_a_kind. A flag's
+kind is the type function argparse calls for it (model.py, "Command-line values"), or its choices.
+The parsers run in-process (catching SystemExit, reading stderr with capsys): hundreds of cases in a
+few seconds. Only the cases that need a real run start a process; they are marked "(a real run)".
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fid
+import model
+import sample
+import train
+from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, positive_float,
+                   positive_int, positive_int_list)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(name):
+    path = os.path.join(ROOT, "tests", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid,
+           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "loader", "paper_claims", "speed")}}
+MISSING = "/nonexistent/taxa-fuzz/file.pt"
+UNWRITABLE = "/dev/null/out"  # below a file: no folder can be made there
+HUGE = "1" + "0" * 30
+BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the wrong type
+    positive_int: ["0", "-4", HUGE, "nan", "inf", "", "1.5", "abc"],
+    nonneg_int: ["-1", HUGE, "nan", "", "1.5", "abc"],
+    positive_float: ["0", "-1", "nan", "inf", "-inf", "1e400", "", "abc"],
+    finite_float: ["nan", "inf", "-inf", "1e400", "", "abc"],
+    fraction: ["-0.1", "1.5", "nan", "inf", "", "abc"],
+    positive_int_list: ["", "0", "-5", "1,,2", "200,abc", "1.5", HUGE],
+    input_path: [MISSING],  # '' is the flag left unset
+    output_path: ["", UNWRITABLE],
+    device_name: ["", "gpu", "cuda:99", "cpu:x"],
+    "choices": ["", "nope"],
+}
+GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; --seed 0)
+    positive_int: ["8"], nonneg_int: ["0", "8"], positive_float: ["1e-4"], finite_float: ["-2.5", "0"],
+    fraction: ["0", "0.5"], positive_int_list: ["5", "200,200,600"], input_path: ["", ROOT],
+    output_path: ["fresh/sub/folder"], device_name: ["cpu"],
+}
+FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child"}  # read at run time (bad --data: test below)
+
+
+def kind(action):
+    if action.choices is not None:
+        return "choices"
+    return action.type if action.type in BAD else None
+
+
+def flags():
+    """(script, name the error uses, action) of every option and positional that takes a value."""
+    for script, module in SCRIPTS.items():
+        for action in module.build_parser()._actions:
+            if action.nargs != 0:  # not --help nor a switch
+                yield script, "/".join(action.option_strings) or action.dest, action
+
+
+def argv_for(action, value):
+    """One value for the flag; --flag=value, so '-inf' or '' reach the type function as they are."""
+    return [f"{action.option_strings[0]}={value}"] if action.option_strings else [value]
+
+
+def parse(script, argv):
+    module = SCRIPTS[script]
+    base = ["x.pt"] if script == "fid.py" else []  # fid.py wants an input (see workdir)
+    return getattr(module, "parse_args", lambda a: module.build_parser().parse_args(a))(base + argv)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for all cases (a tmp_path per case would cost more than the case): default outputs land
+    there, and x.pt is the checkpoint fid.py's parser wants to exist."""
+    folder, cwd = tmp_path_factory.mktemp("cli"), os.getcwd()
+    (folder / "x.pt").touch()
+    os.chdir(folder)
+    yield folder
+    os.chdir(cwd)
+
+
+CASES = [(script, name, action, value) for script, name, action in flags() if kind(action)
+         for value in BAD[kind(action)]]
+
+
+def test_every_flag_has_a_kind():
+    """A flag that takes a number (or a path) has a checking type: plain int, float or str pass nan, -1 or ''."""
+    unchecked = [f"{script} {name}" for script, name, action in flags()
+                 if kind(action) is None and not (action.type in (None, str) and name in FREE_TEXT)]
+    assert not unchecked, f"flags without a checking type (model.py, Command-line values): {unchecked}"
+    assert len(CASES) > 400
+
+
+@pytest.mark.parametrize("script,name,action,value", CASES,
+                         ids=[f"{s} {n}={v!r}" for s, n, _, v in CASES])
+def test_bad_value_is_one_line_naming_the_flag(script, name, action, value, capsys, workdir):
+    with pytest.raises(SystemExit) as exit:
+        parse(script, argv_for(action, value))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert re.match(r"\S+: error: argument ", last), last  # "<prog>: error: argument --flag: ..."
+    assert len(re.findall(rf"(?<![\w-]){re.escape(name)}(?![\w-])", last)) == 1, last  # the flag, once
+    assert (value or "''") in last, last  # and the value
+    assert "must be" in last or "invalid choice" in last, last  # and what is allowed
+
+
+def test_good_values_pass(workdir):
+    for script, name, action in flags():
+        for value in GOOD.get(kind(action), []) if action.option_strings else []:  # fid.py's inputs: x.pt
+            parse(script, argv_for(action, value))  # no SystemExit
+    assert train.parse_args(["--steps", "0", "--seed", "0"]).steps == 0
+    assert train.parse_args(["--stage-steps", "200,200,600"]).stage_steps == "200,200,600"  # kept as text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "7"], "argument --image-size: must be a multiple of 4 for --size small (got 7)"),
+    (["--size", "base", "--image-size", "36"], "argument --image-size: must be a multiple of 8 for --size base"),
+    (["--level", "class", "--first-level", "order"], "argument --level: must not be coarser than --first-level"),
+    (["--p-uncond", "0.5", "--p-cut", "0.7"], "argument --p-cut: must be at most 0.5 beside --p-uncond 0.5"),
+])
+def test_flags_that_only_fail_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and ": error: " in last and message in last
+    assert train.parse_args(["--size", "base", "--image-size", "64"]).image_size == 64
+
+
+def test_image_size_multiple_is_what_the_unet_needs():
+    """size_multiple agrees with unet.UNet: a multiple runs through it, a size that is not fails deep inside."""
+    assert {size: model.size_multiple(size) for size in model.SIZES} == {"tiny": 4, "small": 4, "base": 8}
+    net = model.UNet(model.UNetConfig(**model.SIZES["tiny"]))
+    ctx = torch.zeros(1, 8, net.cfg.context_dim)
+    assert net(torch.zeros(1, 3, 12, 12), torch.tensor([1]), ctx).shape == (1, 3, 12, 12)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        net(torch.zeros(1, 3, 10, 10), torch.tensor([1]), ctx)
+
+
+def test_missing_data_is_one_line(tmp_path):
+    """--data is read at run time (taxonomy.load_data): a missing one ends before any training, in one line."""
+    with pytest.raises(SystemExit) as exit:
+        train.main(train.parse_args(["--data", MISSING, "--out", str(tmp_path)]))
+    assert str(exit.value) == f"error: --data {MISSING}: no such file or folder"
+
+
+# -----------------------------------------------------------------------------
+# (a real run): what the user sees, from a process
+
+
+def run(script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def one_error_line(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+def test_sample_with_a_truncated_checkpoint(tmp_path):
+    """(a real run) sample.py --ckpt <a checkpoint cut in half>."""
+    torch.save({"ema": {}, "unet_config": {}, "vocab_sizes": [1], "lineages": [], "w": torch.zeros(1000)},
+               tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    last = one_error_line(run("sample.py", "--ckpt", "cut.pt", cwd=tmp_path))
+    assert last == "error: cut.pt is truncated (the end of its zip archive is missing): copy it again, " \
+                   "or delete it and train it again"
+    assert len(run("sample.py", "--ckpt", "cut.pt", cwd=tmp_path).stderr.strip().splitlines()) == 1
+
+
+def test_train_with_a_truncated_resume_checkpoint(tmp_path):
+    """(a real run) train.py finds out/class.last.pt cut short (copied from a machine that was still writing it)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "class.last.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    proc = run("train.py", "--size", "tiny", "--steps", "1", "--per-species", "2", "--batch-size", "8",
+               "--device", "cpu", cwd=tmp_path)
+    assert one_error_line(proc) == "error: out/class.last.pt is truncated (the end of its zip archive is " \
+                                   "missing): copy it again, or delete it and train it again"

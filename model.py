@@ -299,6 +299,11 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
     return eps_fn
 
 
+# =============================================================================
+# Appendix: what the scripts share besides the method. EMA, checkpoints (save, load,
+# compatibility, taxa by name), the picture grid, then one-line errors for bad
+# checkpoints and the checks of every command-line value. A first read stops here.
+
 # -----------------------------------------------------------------------------
 # EMA and checkpoints
 
@@ -423,10 +428,8 @@ def build_model(ckpt, attention="auto"):
 
 
 def to_device(model, device):
-    """Move a model to `device`. On a CPU its convolution weights also go channels-last (NHWC), the
-    layout oneDNN's convolutions prefer: +8 % training and +18 % sampling speed on 2 cores
-    (tests/benchmarks/speed.py). On an H100 it bought nothing (0 to 9 % slower, attention.py --steps-only),
-    so a GPU keeps the default layout."""
+    """Move a model to `device`. On a CPU its convolution weights also go channels-last (NHWC), the layout
+    oneDNN's convolutions prefer; a GPU keeps the default layout, where it gained nothing (docs/performance.md)."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
 

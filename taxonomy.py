@@ -331,7 +331,7 @@ def species_counts(per_species, seed=0):
         rich, rare = int(m[1]), int(m[2])
         rare_first = rng.integers(0, 2, n // 2)  # per genus: is its first species the rare one?
         return [rare if s % 2 == rare_first[s // 2] else rich for s in range(n)]
-    if m := re.fullmatch(r"zipf:(\d+)", spec):
+    if (m := re.fullmatch(r"zipf:(\d+)", spec)) and int(m[1]) > 0:
         rank = rng.permutation(n) + 1  # species s is the rank[s]-th most common
         return [max(1, round(int(m[1]) / r)) for r in rank]
     raise ValueError(f"--per-species '{spec}' is not a count (64), pairs:RICH/RARE (pairs:64/4) or zipf:MAX (zipf:64)")

@@ -365,6 +365,10 @@ def check_run(cfg, world):
         raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
 
 
+# =============================================================================
+# Appendix: the plumbing a first read skips. A stage's checkpoints, the randomness that
+# a resumed run draws again, several processes, Ctrl-C, and the command line.
+
 # -----------------------------------------------------------------------------
 # Checkpoints of a stage: what they record, the resumable save, the finished stage
 

@@ -19,8 +19,8 @@ import fid
 import model
 import sample
 import train
-from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, positive_float,
-                   positive_int, positive_int_list)
+from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, per_species,
+                   positive_float, positive_int, positive_int_list)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +45,7 @@ BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the 
     finite_float: ["nan", "inf", "-inf", "1e400", "", "abc"],
     fraction: ["-0.1", "1.5", "nan", "inf", "", "abc"],
     positive_int_list: ["", "0", "-5", "1,,2", "200,abc", "1.5", HUGE],
+    per_species: ["0", "-4", "", "1.5", "abc", "pairs:64", "pairs:64/0", "zipf:0", "zipf:x"],
     input_path: [MISSING],  # '' is the flag left unset
     output_path: ["", UNWRITABLE],
     device_name: ["", "gpu", "cuda:99", "cpu:x"],
@@ -52,7 +53,8 @@ BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the 
 }
 GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; --seed 0)
     positive_int: ["8"], nonneg_int: ["0", "8"], positive_float: ["1e-4"], finite_float: ["-2.5", "0"],
-    fraction: ["0", "0.5"], positive_int_list: ["5", "200,200,600"], input_path: ["", ROOT],
+    fraction: ["0", "0.5"], positive_int_list: ["5", "200,200,600"], per_species: ["4", "pairs:64/4", "zipf:64"],
+    input_path: ["", ROOT],
     output_path: ["fresh/sub/folder"], device_name: ["cpu"],
 }
 FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child"}  # read at run time (bad --data: test below)

@@ -294,7 +294,10 @@ def main(cfg):
         dataset, taxonomy, plan = load_dataset(cfg, rank)
         to_train = schedule_stages(cfg, plan)
         if rank == 0:
-            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species; schedule {cfg.schedule}: "
+            counts = torch.unique(dataset.ids, dim=0, return_counts=True)[1]  # images of each lineage: a long tail?
+            spread = f" ({counts.min()} to {counts.max()} images each)" if counts.min() < counts.max() else ""
+            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species{spread}; "
+                  f"schedule {cfg.schedule}: "
                   + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
                                 for r, n, c in to_train))
         stop = catch_stop_signals()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from taxonomy import RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, render_toy, toy_dataset, toy_species
+from taxonomy import (RANKS, UNKNOWN, LineageError, TaxonDataset, Taxonomy, render_toy, species_counts, toy_dataset,
+                      toy_species)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,23 @@ def test_dataset_items():
     x, ids = ds[5]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert ids.shape == (len(RANKS),) and tax.lineage_str(ids.tolist()) == "/".join(lineages[5])
+
+
+def test_long_tailed_toy_trees():
+    """--per-species pairs:64/4 gives every genus one rich and one rare species; zipf:64 a 1/rank tail. Both
+    depend on the seed alone, and the images of a species are the same as in the balanced tree."""
+    species = [lin for lin, _ in toy_species()]
+    pairs = species_counts("pairs:64/4", seed=3)
+    for s in range(0, 48, 2):  # siblings s, s + 1 share a genus
+        assert species[s][5] == species[s + 1][5] and sorted(pairs[s:s + 2]) == [4, 64]
+    assert pairs == species_counts("pairs:64/4", seed=3) != species_counts("pairs:64/4", seed=4)
+    zipf = species_counts("zipf:64", seed=0)
+    assert sorted(zipf, reverse=True)[:4] == [64, 32, 21, 16] and min(zipf) == 1
+    assert species_counts("7") == [7] * 48
+    with pytest.raises(ValueError):
+        species_counts("pairs:64")
+    images, lineages = toy_dataset("pairs:3/1", size=16, seed=0)
+    counts = species_counts("pairs:3/1", seed=0)
+    assert len(images) == sum(counts) == 48 * 2 and [lineages.count(lin) for lin in species] == counts
+    balanced, _ = toy_dataset(3, size=16, seed=0)
+    assert torch.equal(images[:counts[0]], balanced[:counts[0]])  # species 0's first images, whatever the tree

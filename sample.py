@@ -71,12 +71,13 @@ def build_parser():
     p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
                    help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
     p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the noise: a seed gives the same pictures")
     p.add_argument("--ckpt", type=input_path, default=None, help="default: the finest stage checkpoint in out/")
     p.add_argument("--out", type=output_path, default=None,
                    help="PNG to write (default: out/samples.png, or out/refine.png)")
     p.add_argument("--list", action="store_true", help="print the checkpoint's taxonomy tree and exit")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to sample: cpu, cuda or cuda:N")
     return p
 
 

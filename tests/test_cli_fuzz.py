@@ -34,7 +34,7 @@ def bench(name):
 
 
 SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid,
-           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "loader", "paper_claims", "speed")}}
+           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "loader", "paper_claims", "samplers", "speed")}}
 MISSING = "/nonexistent/taxa-fuzz/file.pt"
 UNWRITABLE = "/dev/null/out"  # below a file: no folder can be made there
 HUGE = "1" + "0" * 30
@@ -98,6 +98,13 @@ def workdir(tmp_path_factory):
 
 CASES = [(script, name, action, value) for script, name, action in flags() if kind(action)
          for value in BAD[kind(action)]]
+
+
+def test_every_flag_has_a_help_line():
+    """--help says what every option does, not only its default."""
+    silent = [f"{script} {name}" for script, module in SCRIPTS.items() for action in module.build_parser()._actions
+              for name in ["/".join(action.option_strings) or action.dest] if not action.help]
+    assert not silent, f"options without a --help line: {silent}"
 
 
 def test_every_flag_has_a_kind():

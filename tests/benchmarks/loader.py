@@ -96,13 +96,14 @@ def build_parser():
     p.add_argument("--images", type=positive_int, default=3072,
                    help="JPEGs to write (rounded to a multiple of 48 species)")
     p.add_argument("--size", type=positive_int, default=64, help="--image-size of the model")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
     p.add_argument("--workers", type=nonneg_int, default=os.cpu_count(), help="decoding processes")
     p.add_argument("--dir", type=output_path, default=None,
                    help="write the JPEGs here instead of a temporary folder (kept)")
     p.add_argument("--model", default="small", choices=SIZES, help="UNet size for the training-step rate")
     p.add_argument("--train-steps", type=nonneg_int, default=3, help="training steps to time (0 = skip)")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train: cpu, cuda or cuda:N")
     return p
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
+from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int  # noqa: E402
 from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 
 
@@ -80,6 +81,7 @@ def figure(cells, samplers, steps, rank, path):
 
 
 def main(args):
+    args.ckpt = args.ckpt or os.path.join("out", "species.pt")
     model, ckpt = load_checkpoint(args.ckpt, args.device)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "samplers.json")
@@ -130,17 +132,25 @@ def main(args):
     print(f"\n-> {os.path.join(args.out, 'samplers.png')}")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/species.pt")
-    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 15, 20, 30, 50])
-    p.add_argument("--samplers", nargs="+", choices=["ddim", "ddpm", "dpm++"], default=["ddim", "dpm++"])
-    p.add_argument("--n-per-species", type=int, default=10, help="images per taxon (48 species x 10 = 480)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale; 1 = none")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="out", help="folder for samplers.json, samplers.png and the taxon classifier")
-    return p.parse_args(argv)
+    p.add_argument("--ckpt", type=input_path, default=None, help="the species checkpoint to sample (default: out/species.pt)")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 15, 20, 30, 50],
+                   help="numbers of steps (network calls per guidance branch), one cell each")
+    p.add_argument("--samplers", nargs="+", choices=["ddim", "ddpm", "dpm++"], default=["ddim", "dpm++"],
+                   help="samplers, one cell each")
+    p.add_argument("--n-per-species", type=positive_int, default=10, help="images per taxon (48 species x 10 = 480)")
+    p.add_argument("--guidance", type=finite_float, default=3.0, help="guidance scale; 1 = none")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling noise")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to sample: cpu, cuda or cuda:N")
+    p.add_argument("--out", type=output_path, default="out",
+                   help="folder for samplers.json, samplers.png and the taxon classifier")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

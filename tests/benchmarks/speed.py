@@ -201,7 +201,7 @@ def peak_rss(name, device):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="where to time: cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=positive_int, default=5, help="rounds; each figure is the median over them")
     p.add_argument("--train-steps", type=positive_int, default=5, help="timed train steps per round and batch size")
     p.add_argument("--n-sample", type=positive_int, default=64, help="images per sampling run")

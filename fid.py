@@ -33,7 +33,6 @@ conditioned on. Its penultimate features also give a "classifier Frechet
 distance", a FID-like number in a feature space that knows the toy traits
 (it is not FID and is never called that).
 """
-import argparse
 import hashlib
 import importlib.metadata
 import math
@@ -51,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model import Diffusion, DiffusionConfig, finest_checkpoint, guided_eps_fn, load_checkpoint
-from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int
+from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
 from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, toy_dataset
 
 # -----------------------------------------------------------------------------
@@ -378,7 +377,7 @@ def compare_sets(args):
 
 def build_parser():
     """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("inputs", nargs="*", type=input_path,
                    help="two image folders or .npz files; or one checkpoint (.pt)")
     p.add_argument("--ckpt", type=input_path, default=None,

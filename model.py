@@ -524,6 +524,19 @@ def no_space_message(path, nbytes):
 # ArgumentTypeError saying what is allowed; argparse then ends with one line, exit status 2:
 #     train.py: error: argument --batch-size: must be a positive integer (got 0)
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad value ends in its one error line alone: the usage, which runs to 20 lines
+    for train.py, would bury it (--help still shows everything). Every script builds its parser with this one."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def script_parser(doc):
+    """The parser of a script whose docstring is its --help description (kept as written: it holds commands)."""
+    return ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 MAX_INT = 2 ** 31 - 1  # the largest count or seed taken: every library it is handed to holds it
 
 

@@ -9,7 +9,6 @@ Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
 Names may start at any rank and are matched ignoring case ('_' reads as a
 space); '...' or a missing tail leaves the finer ranks unspecified.
 """
-import argparse
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, cut_lineage, deepest_rank, finest_checkpoint,
                    guided_eps_fn, load_checkpoint, save_grid)
-from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int
+from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
 from taxonomy import RANKS, LineageError, Taxonomy
 
 
@@ -61,7 +60,7 @@ def main(args):
 
 def build_parser():
     """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
     p.add_argument("--n", type=positive_int, default=16, help="images (per row with --refine)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps")

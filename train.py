@@ -23,7 +23,6 @@ and ends with the same weights, bit for bit on a CPU (docs/training.md).
 
 Read next: sample.py.
 """
-import argparse
 import contextlib
 import copy
 import inspect
@@ -47,7 +46,7 @@ from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, b
                    condition_dropout, cut_lineage, guided_eps_fn, read_checkpoint, save_checkpoint, save_grid,
                    to_device, update_ema)
 from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, per_species,
-                   positive_float, positive_int, positive_int_list, size_multiple)
+                   positive_float, positive_int, positive_int_list, script_parser, size_multiple)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
 from unet import SIZES, UNetConfig
 from model import (CheckpointError, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
@@ -549,7 +548,7 @@ def build_parser():
     for line in inspect.getsource(TrainConfig).splitlines():
         if re.match(r"    \w+: ", line):  # a field: "    name: type = default  # comment"
             comments[line.split(":")[0].strip()] = line.partition("  # ")[2]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     for f in fields(TrainConfig):
         flag, text = "--" + f.name.replace("_", "-"), comments[f.name].replace("%", "%%")  # argparse formats help
         if f.type is bool:  # --amp, --compile: switches

@@ -124,6 +124,7 @@ def test_bad_value_is_one_line_naming_the_flag(script, name, action, value, caps
     last = err.strip().splitlines()[-1]
     assert exit.value.code == 2 and "Traceback" not in err
     assert re.match(r"\S+: error: argument ", last), last  # "<prog>: error: argument --flag: ..."
+    assert len(err.strip().splitlines()) == 1, err  # that line alone: no usage block to bury it
     assert len(re.findall(rf"(?<![\w-]){re.escape(name)}(?![\w-])", last)) == 1, last  # the flag, once
     assert (value or "''") in last, last  # and the value
     assert "must be" in last or "invalid choice" in last, last  # and what is allowed

@@ -36,9 +36,9 @@ def test_every_schedule_trains_as_many_steps_and_cools_down_as_long():
 def test_bad_stage_steps_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--stage-steps", "300,x"])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and last.endswith("error: argument --stage-steps: must be comma-separated positive "
-                                               "integers, e.g. 200,200,600 (got '300,x')")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == ("train.py: error: argument --stage-steps: must be comma-separated positive "
+                                         "integers, e.g. 200,200,600 (got '300,x') (see --help)\n")  # that line alone
 
 
 def test_flat_lineage_keeps_the_leaf_alone():

@@ -16,7 +16,6 @@ Every table is printed as markdown; the first line names the command, the commit
 TF32: the UNet step table turns on TF32 for matmuls and convolutions, so its fp32
 rows are "fp32 with TF32"; train.py does not enable TF32 for matmuls.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import unet  # noqa: E402
+from model import script_parser  # noqa: E402
 from unet import UNet, UNetConfig, attention_reference, flash_attention  # noqa: E402
 
 # (name, B, H, N, M, d, dtype): the default UNet's attention at batch 64 on 32x32 and on 64x64 inputs,
@@ -252,7 +252,7 @@ def unet_steps(batch=64, size=32, dtype=torch.bfloat16, rounds=3):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--sweep", action="store_true", help="try other block sizes at the standard shape")
     p.add_argument("--unet-sweep", action="store_true", help="try launch configurations at the UNet's shapes")
     p.add_argument("--overhead", action="store_true", help="GPU time against CPU launch time at the UNet's shapes")

@@ -11,7 +11,6 @@ Writes a folder tree of toy animals upscaled to 256x256 JPEGs (tests/fixtures.py
   loader only: one more epoch, the steady state of every later epoch and stage;
 and, for scale, training steps of the default UNet at the same size and batch (what the loader must keep up with).
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the repository root, tests/
 from fixtures import make_jpeg_tree  # noqa: E402
 from model import Diffusion, DiffusionConfig, TaxaDiffusion  # noqa: E402
-from model import device_name, nonneg_int, output_path, positive_int, size_multiple  # noqa: E402
+from model import device_name, nonneg_int, output_path, positive_int, script_parser, size_multiple  # noqa: E402
 from taxonomy import TaxonDataset, build_taxonomy, load_data  # noqa: E402
 from unet import SIZES, UNetConfig  # noqa: E402
 
@@ -92,7 +91,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--images", type=positive_int, default=3072,
                    help="JPEGs to write (rounded to a multiple of 48 species)")
     p.add_argument("--size", type=positive_int, default=64, help="--image-size of the model")

@@ -49,7 +49,7 @@ sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
 from model import (device_name, finite_float, fraction, nonneg_int, output_path, per_species,  # noqa: E402
-                   positive_int, positive_int_list)
+                   positive_int, positive_int_list, script_parser)
 from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset  # noqa: E402
 from unet import SIZES  # noqa: E402
 
@@ -374,7 +374,7 @@ def run_cells(args, cells, real, net, clf, clf_tax):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--schedules", nargs="+", default=["progressive", "flat"], choices=SCHEDULES,
                    help="training schedules, one cell each (progressive and flat first: the largest gap)")
     p.add_argument("--freeze", nargs="+", default=["none"], choices=FREEZES,

@@ -15,7 +15,6 @@ FID on 480 images is biased upwards: compare it across cells, not with published
 Each cell is printed and added to <out>/samplers.json as soon as it is done; running the same command again
 skips the cells already there. At the end: a markdown table and <out>/samplers.png (accuracy and FID vs steps).
 """
-import argparse
 import json
 import os
 import sys
@@ -28,7 +27,8 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
-from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int  # noqa: E402
+from model import (device_name, finite_float, input_path, nonneg_int, output_path, positive_int,  # noqa: E402
+                   script_parser)
 from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--ckpt", type=input_path, default=None, help="the species checkpoint to sample (default: out/species.pt)")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 15, 20, 30, 50],
                    help="numbers of steps (network calls per guidance branch), one cell each")

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn, to_device  # noqa: E402
-from model import device_name, positive_int  # noqa: E402
+from model import device_name, positive_int, script_parser  # noqa: E402
 from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 
@@ -200,7 +200,7 @@ def peak_rss(name, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--device", type=device_name, default="cpu", help="where to time: cpu, cuda or cuda:N")
     p.add_argument("--repeats", type=positive_int, default=5, help="rounds; each figure is the median over them")
     p.add_argument("--train-steps", type=positive_int, default=5, help="timed train steps per round and batch size")

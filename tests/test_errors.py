@@ -138,10 +138,10 @@ def test_a_run_that_fills_the_disk_stops_with_its_last_checkpoint_whole(tmp_path
     monkeypatch.setattr(model.os, "fsync", fsync)
     cfg = train.TrainConfig(level="class", size="tiny", image_size=16, per_species=2, batch_size=8, steps=2,
                             save_every=1, grid_cols=2, grid_steps=2, device="cpu", out=str(tmp_path))
-    with pytest.raises(CheckpointError, match=rf"^no space left in {tmp_path} to write {tmp_path}/class.last.pt: "
-                                              rf"it needs \d+\.\d MB and .* MB are free; the previous "
-                                              rf"{tmp_path}/class.last.pt \(step 1\) is intact$"):
-        train.main(cfg)  # train.py's __main__ turns this into "error: no space left ..." (exit 1)
+    with pytest.raises(SystemExit, match=rf"^error: no space left in {tmp_path} to write {tmp_path}/class.last.pt: "
+                                         rf"it needs \d+\.\d MB and .* MB are free; the previous "
+                                         rf"{tmp_path}/class.last.pt \(step 1\) is intact$"):
+        train.main(cfg)  # one line, exit status 1
     assert sorted(os.listdir(tmp_path)) == ["class.last.pt", "train.log"]
     assert read_checkpoint(str(tmp_path / "class.last.pt"))["step"] == 1
 

@@ -84,3 +84,59 @@ def test_bad_lineage_is_one_clear_line(trained, lineage, hint):
 def test_sample_without_checkpoint_is_one_clear_line(tmp_path):
     proc = run("sample.py", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "python train.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# The lineage a user types reaches the network, with the negative --guide-from asks for
+
+
+@pytest.fixture(scope="module")
+def species_checkpoint(tmp_path_factory):
+    """An untrained tiny species-level checkpoint of the toy tree, as train.py writes it (its first stage: class)."""
+    import train
+    from model import TaxaDiffusion, save_checkpoint
+    from unet import UNetConfig
+    cfg = train.TrainConfig(level="species", size="tiny", image_size=16, per_species=1, batch_size=1, device="cpu")
+    _, taxonomy, plan = train.load_dataset(cfg)
+    header = train.run_header(cfg, taxonomy, plan)
+    state = TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]).state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "species.pt"
+    save_checkpoint(path, **header, model=state, ema=state, level="species")
+    return path, taxonomy
+
+
+def conditions_seen(monkeypatch, *argv):
+    """Run sample.py in this process; returns the lineage ids (B, R) of every network call."""
+    import model
+    import sample
+    seen, forward = [], model.TaxaDiffusion.forward
+
+    def spy(self, x, t, ids):
+        seen.append(ids.clone())
+        return forward(self, x, t, ids)
+    monkeypatch.setattr(model.TaxaDiffusion, "forward", spy)
+    sample.main(sample.parse_args(["--n", "2", "--steps", "2", "--device", "cpu", *argv]))
+    return seen
+
+
+@pytest.mark.parametrize("guide_from, negative", [("null", "/"), ("parent", "Corvus"), ("root", "Aves")])
+def test_the_lineage_and_its_negative_reach_the_network(species_checkpoint, tmp_path, monkeypatch, guide_from,
+                                                        negative):
+    path, taxonomy = species_checkpoint
+    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "corvus_corax", "--guide-from", guide_from,
+                           "--out", str(tmp_path / "s.png"))
+    raven = torch.tensor(taxonomy.parse("Corvus corax"))
+    neg = torch.tensor(taxonomy.parse(negative)) if negative != "/" else torch.zeros_like(raven)
+    assert len(seen) == 2  # one call per step: both guidance branches in one batch
+    for ids in seen:
+        assert torch.equal(ids, torch.stack([raven, raven, neg, neg]))  # (2 images, then their 2 negatives)
+
+
+def test_refine_rows_walk_down_the_lineage(species_checkpoint, tmp_path, monkeypatch):
+    path, taxonomy = species_checkpoint
+    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus corax", "--refine",
+                           "--guidance", "1", "--out", str(tmp_path / "r.png"))
+    rows = [ids[0] for ids in seen[::2]]  # 2 steps per row, no guidance: one branch
+    names = ["Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]  # class (the first stage) .. species
+    assert [r.tolist() for r in rows] == [taxonomy.parse(n) for n in names]
+    assert Image.open(tmp_path / "r.png").height == len(names) * 16

@@ -37,6 +37,22 @@ def test_frechet_distance_closed_forms():
     assert fid.frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b)) == pytest.approx(expected)
 
 
+
+def test_frechet_distance_with_covariances_that_do_not_commute():
+    # For 2 x 2 covariances, tr sqrt(S1 S2) has a closed form without any matrix root: S1 S2 has the eigenvalues
+    # of S1^(1/2) S2 S1^(1/2) (positive), and (sqrt l1 + sqrt l2)^2 = tr(S1 S2) + 2 sqrt(det S1 det S2).
+    # Rotated ellipses do not commute, so sqrtm(S1) @ sqrtm(S2) in place of sqrtm(S1 @ S2) gives another number.
+    def rotated(var, angle):
+        c, s = np.cos(angle), np.sin(angle)
+        r = np.array([[c, -s], [s, c]])
+        return r @ np.diag(var) @ r.T
+    s1, s2 = rotated([4.0, 0.25], 0.3), rotated([1.0, 9.0], 1.1)
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    m1, m2 = np.array([0.5, -1.0]), np.array([2.0, 0.0])
+    tr_root = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
+    assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+
 def test_frechet_distance_self_symmetry_and_scale():
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(300, 16)), rng.normal(0.3, 1.5, size=(300, 16))

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,13 +103,35 @@ def test_schedules():
         assert d.beta.shape == (1000,) and (d.beta > 0).all() and (d.beta < 1).all()
         assert (d.alpha_bar[1:] < d.alpha_bar[:-1]).all()  # strictly more noise at every step
         assert d.alpha_bar[0] > 0.99 and d.alpha_bar[-1] < 1e-3  # x_T is almost pure noise
-        torch.testing.assert_close(d.alpha_bar, torch.cumprod(1 - d.beta.double(), 0).float())
     # q_sample has the moments of eq. 4
     d = Diffusion(DiffusionConfig())
     x0 = torch.full((20000, 1, 1, 1), 0.5)
     xt = d.q_sample(x0, torch.full((20000,), 300), torch.randn_like(x0))
     a = d.alpha_bar[300]
     assert abs(xt.mean() - a.sqrt() * 0.5) < 0.02 and abs(xt.var() - (1 - a)) < 0.02
+
+
+def test_linear_schedule_is_ddpms():
+    # Ho et al. 2020, section 4: beta rises linearly from beta_1 = 1e-4 to beta_T = 0.02 over T = 1000 steps,
+    # which leaves alpha_bar_T = 4.04e-5 (the value quoted for DDPM's schedule); 1 / alpha_bar_t at t = 300 and
+    # 700 (our 0-based 299 and 699: 2.52 and 144) is how much the v-loss up-weights those steps (docs/experiments.md)
+    d = Diffusion(DiffusionConfig(schedule="linear"))
+    for t, beta in [(0, 1e-4), (499, 1e-4 + 0.0199 * 499 / 999), (999, 0.02)]:
+        assert d.beta[t].item() == pytest.approx(beta, rel=1e-5)
+    assert d.alpha_bar[999].item() == pytest.approx(4.0358e-5, rel=1e-3)
+    assert d.alpha_bar[299].item() == pytest.approx(0.39642, rel=1e-3)
+    assert d.alpha_bar[699].item() == pytest.approx(0.0069661, rel=1e-3)
+
+
+def test_cosine_schedule_is_improved_ddpms():
+    # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2),
+    # s = 0.008, with each beta clipped at 0.999 (which only the last step reaches). Our index t is their t + 1.
+    d = Diffusion(DiffusionConfig(schedule="cosine"))
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in [0, 249, 499, 749, 989]:
+        assert d.alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
+    assert d.alpha_bar[499].item() == pytest.approx(0.49384, rel=1e-4)  # half the signal at half the steps
+    assert d.beta[999].item() == pytest.approx(0.999)
 
 
 def test_v_prediction_gives_back_eps():

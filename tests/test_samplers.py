@@ -83,3 +83,55 @@ def test_clip_none_leaves_x0_free():
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="unknown sampler 'heun'"):
         Diffusion(DiffusionConfig()).sample(lambda x, t: x, (1, 1, 2, 2), steps=2, sampler="heun")
+
+
+# The samplers on data N(mu, s^2), against what the papers say they compute. The probability-flow ODE that DDIM
+# solves (Song et al. 2021, eq. 14) maps the noise linearly onto the data here: x_t is N(sqrt(a) mu, a s^2 + 1 - a),
+# and the standardised value z = (x_t - sqrt(a) mu) / sqrt(a s^2 + 1 - a) stays the same along the ODE, so x_0 =
+# mu + s z(x_T), pointwise. Ancestral DDPM (eta = 1) draws fresh noise at every step instead: its samples have the
+# data's distribution as the step count grows, and forget the x_T they started from.
+MU, S = 0.3, 0.5
+
+
+def exact_flow(d, x_T):
+    a = d.alpha_bar[-1]
+    return MU + S * (x_T - a.sqrt() * MU) / (a * S ** 2 + 1 - a).sqrt()
+
+
+def gaussian_samples(sampler, steps, n=20000):
+    d = Diffusion(DiffusionConfig())
+    x_T = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    out = d.sample(gaussian_eps(d, MU, S), x_T.shape, steps=steps, sampler=sampler, x_T=x_T, clip=None,
+                   generator=torch.Generator().manual_seed(1))
+    return d, x_T, out
+
+
+def test_ddim_follows_the_probability_flow_and_converges_with_steps():
+    errors = []
+    for steps in [10, 50, 200, 1000]:
+        d, x_T, out = gaussian_samples("ddim", steps)
+        errors.append((out - exact_flow(d, x_T)).abs().max().item())
+    assert errors == sorted(errors, reverse=True), errors  # first order: more steps, closer to the ODE
+    assert errors[-1] < 0.02 and errors[-2] < 0.06, errors  # measured 0.0066 at 1000 steps, 0.031 at 200
+
+
+@pytest.mark.parametrize("steps", [200, 1000])
+def test_ddpm_draws_the_data_distribution_from_fresh_noise(steps):
+    d, x_T, out = gaussian_samples("ddpm", steps)
+    assert abs(out.mean().item() - MU) < 0.015  # standard error 0.0035
+    assert abs(out.std().item() - S) < 0.04 * S  # measured 0.4854 at 200 steps, 0.4956 at 1000 (s = 0.5)
+    # fresh noise at every step: the sample no longer depends on where it started (DDIM's correlation is 1)
+    assert abs(torch.corrcoef(torch.stack([out.flatten(), x_T.flatten()]))[0, 1].item()) < 0.05
+
+
+def test_ddpm_spread_grows_to_the_datas_with_steps():
+    spreads = [gaussian_samples("ddpm", steps, n=8000)[2].std().item() for steps in [10, 50, 1000]]
+    assert spreads == sorted(spreads) and spreads[-1] > 0.97 * S, spreads  # 0.32, 0.44, 0.50
+
+
+def test_ddim_timesteps_run_evenly_from_T_to_0():
+    # DDIM's "linear" spacing (Song et al. 2021, appendix D.2), both ends included: the last call sees t = 0
+    d = Diffusion(DiffusionConfig())
+    assert d.timesteps(5).tolist() == [999, 749, 500, 250, 0]
+    assert d.timesteps(4).tolist() == [999, 666, 333, 0]
+    assert d.timesteps(1000).tolist() == list(range(999, -1, -1))

@@ -329,3 +329,4 @@ def test_a_resumed_stage_keeps_its_cool_down_under_another_level(tmp_path, monke
     assert_same_weights(tmp_path / "straight" / "class.pt", tmp_path / "resumed" / "class.pt")
     order = torch.load(tmp_path / "resumed" / "order.pt", weights_only=True)
     assert order["optimizer"]["param_groups"][0]["lr"] == 0.0  # order, the new last stage, cooled down too
+

@@ -1,0 +1,151 @@
+"""
+Would the tests notice? Plant plausible bugs, one at a time, in a copy of the code, and run the tests on each.
+
+    python tests/benchmarks/mutations.py             # every mutation against its test files: ~15 min on 2 CPU cores
+    python tests/benchmarks/mutations.py --list      # what the tests guard, without running anything
+    python tests/benchmarks/mutations.py --only eta-ignored cosine-no-square
+    python tests/benchmarks/mutations.py --full      # each against the whole suite (hours): the strict version
+
+A mutation "survives" when the tests still pass with the bug in: then no test checks that line's behaviour,
+and one should be written (a property from the papers, not a copy of the line). Each mutation names the test
+files that are meant to catch it, to keep the run short; --full runs the whole suite for each instead.
+The script exits with status 1 if any mutation survives, so it can guard a refactor.
+
+MUTATIONS is the list: (name, file, the exact text to replace, what replaces it, test files). Every text must
+occur exactly once in its file; if the code moves on, the script says which one no longer applies.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLERS, MODEL, FID = "tests/test_samplers.py", "tests/test_model.py", "tests/test_fid.py"
+WIRING = "tests/test_wiring.py"
+CLI = "tests/test_cli.py"
+
+MUTATIONS = [
+    # --- the samplers (model.py, Diffusion.timesteps / ddim / dpm_solver)
+    ("ddim-never-reaches-0", "model.py",
+     "return torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long()",
+     "return torch.linspace(self.T - 1, 1, steps, device=self.beta.device).round().long()", [SAMPLERS]),
+    ("ddim-timesteps-shifted", "model.py",
+     "return torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long()",
+     "return (torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long() + 1).clamp(max=self.T - 1)",
+     [SAMPLERS]),
+    ("eta-1-without-minus-sigma2", "model.py",
+     "(1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps", "(1 - a_prev).clamp(min=0).sqrt() * eps", [SAMPLERS]),
+    ("eta-ignored", "model.py", "sigma = eta * (", "sigma = 0.0 * (", [SAMPLERS]),
+    ("eta-always-1", "model.py", "eta=1.0 if sampler == \"ddpm\" else 0.0", "eta=1.0", [SAMPLERS]),
+    ("dpm-solver-first-order-only", "model.py", "D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev", "D = x0",
+     [SAMPLERS]),
+    ("x0-not-clipped", "model.py", "x0 = x0.clamp(-clip, clip)  # ...kept", "x0 = x0  # ...kept", [SAMPLERS]),
+    # --- the noise schedules and the loss (model.py)
+    ("cosine-no-square", "model.py", "/ (1 + s) * math.pi / 2) ** 2", "/ (1 + s) * math.pi / 2)", [MODEL]),
+    ("linear-ends-at-0.04", "model.py", "torch.linspace(1e-4, 0.02, T", "torch.linspace(1e-4, 0.04, T", [MODEL]),
+    ("q-sample-roots-swapped", "model.py", "return a.sqrt() * x0 + (1 - a).sqrt() * eps",
+     "return (1 - a).sqrt() * x0 + a.sqrt() * eps", [MODEL]),
+    ("v-to-eps-swapped", "model.py", "return (1 - a).sqrt() * x_t + a.sqrt() * out",
+     "return a.sqrt() * x_t + (1 - a).sqrt() * out", [MODEL]),
+    ("v-weight-inverted", "model.py", "err = err / self.alpha_bar[t]", "err = err * self.alpha_bar[t]", [MODEL]),
+    # --- the conditioning and guidance (model.py)
+    ("rank-tokens-not-summed", "model.py", "tokens = (e * known).cumsum(dim=1) + self.rank_vec",
+     "tokens = (e * known) + self.rank_vec", [MODEL]),
+    ("unknown-rank-not-masked", "model.py", "tokens = (e * known).cumsum(dim=1)", "tokens = e.cumsum(dim=1)", [MODEL]),
+    ("guidance-sign", "model.py", "return eps_neg + scale * (eps_c - eps_neg)",
+     "return eps_c + scale * (eps_neg - eps_c)", [MODEL]),
+    ("parent-is-the-lineage-itself", "model.py", "return cut_lineage(ids, deepest_rank(ids) - 1)",
+     "return cut_lineage(ids, deepest_rank(ids))", [MODEL, CLI]),
+    ("dropout-never-drops", "model.py", "torch.where(u[0] < p_uncond, -1,", "torch.where(u[0] < 0, -1,", [MODEL, WIRING]),
+    # --- the training loop's wiring (train.py)
+    ("lineage-not-cut-at-the-stage", "train.py", "ids = cut_lineage(ids.to(device), level)", "ids = ids.to(device)",
+     [WIRING]),
+    ("no-condition-dropout", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)", "ids = ids",
+     [WIRING]),
+    ("dropout-rates-swapped", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)",
+     "ids = condition_dropout(ids, cfg.p_cut, cfg.p_uncond, u=u)", [WIRING]),
+    ("no-mirror-flip", "train.py",
+     "x0 = torch.where(flip.view(-1, 1, 1, 1), x0.to(device).flip(-1), x0.to(device))", "x0 = x0.to(device)",
+     [WIRING]),
+    ("rank-tables-at-the-base-lr", "train.py", "\"lr\": cfg.lr * cfg.embed_lr_mult", "\"lr\": cfg.lr", [WIRING]),
+    ("ema-without-warm-up", "train.py", "min(cfg.ema_decay, (1 + step) / (10 + step))", "cfg.ema_decay", [WIRING]),
+    ("loss-weight-flag-ignored", "train.py", "weight=cfg.loss_weight)", "weight=\"v\")", [WIRING]),
+    ("new-rank-not-zeroed", "train.py", "torch.nn.init.zeros_(model.conditioner.embed[r].weight)", "pass", [WIRING]),
+    # --- sampling a lineage (sample.py)
+    ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_level, deepest), deepest + 1)",
+     "levels = range(min(root_level, deepest) + 1, deepest + 1)", [CLI]),
+    # --- the metrics (fid.py)
+    ("fid-product-of-roots", "fid.py", "covmean = sqrtm_real(sigma1 @ sigma2)\n",
+     "covmean = sqrtm_real(sigma1) @ sqrtm_real(sigma2)\n", [FID]),
+    ("fid-trace-without-2", "fid.py", "- 2 * np.trace(covmean))", "- np.trace(covmean))", [FID]),
+]
+
+
+def copy_tree(dst):
+    """The tracked and untracked (not ignored) files, as git sees them: no venv, no out/."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for f in files:
+        if os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.dirname(os.path.join(dst, f)) or dst, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+
+
+def run_mutation(mutation, work, full, timeout):
+    """'caught' (some test failed), 'survived' (all passed), or why it could not be tried."""
+    name, path, old, new, tests = mutation
+    original = open(os.path.join(ROOT, path)).read()
+    if original.count(old) != 1:
+        return f"not applied: the text occurs {original.count(old)} times in {path} (update MUTATIONS)"
+    with open(os.path.join(work, path), "w") as f:
+        f.write(original.replace(old, new))
+    try:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *(["tests"] if full else tests)]
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "caught (the tests timed out)"
+    finally:
+        with open(os.path.join(work, path), "w") as f:
+            f.write(original)
+    if proc.returncode == 0:
+        return "survived"
+    failed = [ln.split(" - ")[0].replace("FAILED ", "") for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
+    return f"caught by {failed[0] if failed else 'an error (exit ' + str(proc.returncode) + ')'}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
+    p.add_argument("--full", action="store_true", help="run the whole suite for each mutation, not its test files")
+    p.add_argument("--list", action="store_true", help="print the mutations and exit")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per mutation's test run")
+    args = p.parse_args()
+    names = [m[0] for m in MUTATIONS]
+    unknown = set(args.only or []) - set(names)
+    if unknown:
+        p.error(f"unknown mutation {', '.join(sorted(unknown))}; --list shows them")
+    chosen = [m for m in MUTATIONS if not args.only or m[0] in args.only]
+    if args.list:
+        for name, path, old, new, tests in chosen:
+            print(f"{name:32s} {path}: {old.strip()!r} -> {new.strip()!r}  [{', '.join(tests)}]")
+        return
+    survived = []
+    with tempfile.TemporaryDirectory() as work:
+        copy_tree(work)
+        print("| mutation | result | seconds |\n|---|---|---|")
+        for m in chosen:
+            t0 = time.time()
+            result = run_mutation(m, work, args.full, args.timeout)
+            print(f"| {m[0]} | {result} | {time.time() - t0:.0f} |", flush=True)
+            if not result.startswith("caught"):
+                survived.append(m[0])
+    print(f"\n{len(chosen) - len(survived)} of {len(chosen)} mutations caught"
+          + (f"; not caught: {', '.join(survived)}" if survived else ""))
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -529,6 +529,7 @@ def rng_states():
 
 
 def set_rng_states(state):
+    """Put back what rng_states() recorded (a resumed stage's, in each process)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -546,7 +547,6 @@ def save_resumable(path, rank, world, **state):
         dist.all_gather_object(rngs, rng_states())
     if rank == 0:
         save_checkpoint(path, **state, rng=rngs)
-
 
 
 def start_processes(cfg):

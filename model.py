@@ -1,8 +1,9 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
-process (schedule, loss, samplers), guidance, EMA and checkpoints; at the end,
-the one-line errors of a bad checkpoint or a full disk, and what the scripts
-share: the checks of their flags ("Command-line values").
+process (schedule, loss, samplers) and guidance; then, in an appendix, what the
+scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (the
+randomness a resumed run draws again, torchrun, Ctrl-C), the one-line errors
+of a bad checkpoint or a full disk, and the checks of every flag.
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
@@ -15,16 +16,23 @@ Read next: train.py (the stage-by-stage training loop), then sample.py.
 import argparse
 import contextlib
 import errno
+import inspect
 import io
 import math
 import os
 import pickle
+import random
+import re
 import shutil
+import signal
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw, ImageFont
 
 from taxonomy import RANKS, normalize, species_counts
@@ -301,8 +309,9 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
 
 # =============================================================================
 # Appendix: what the scripts share besides the method. EMA, checkpoints (save, load,
-# compatibility, taxa by name), the picture grid, then one-line errors for bad
-# checkpoints and the checks of every command-line value. A first read stops here.
+# compatibility, taxa by name), sampling rows of a picture grid, train.py's plumbing
+# (resumable randomness, torchrun, Ctrl-C), then one-line errors for bad checkpoints
+# and the checks of every command-line value. A first read stops here.
 
 # -----------------------------------------------------------------------------
 # EMA and checkpoints
@@ -452,6 +461,139 @@ def save_grid(x, path, ncols, labels=None):
     img.save(path)
 
 
+@torch.no_grad()
+def sample_rows(diffusion, model, row_ids, x_T, guidance, guide_from="null", root_level=2, steps=50, sampler="ddim",
+                seed=None, rows_per_call=1):
+    """One row of len(x_T) images for each lineage of row_ids (rows, R), every row from the same noise x_T
+    (N, C, H, W), so that a column compares the lineages. seed: the DDPM sampler's fresh noise, the same in
+    every call too (None: the global generator). Returns (rows * N, C, H, W), row by row."""
+    N, images = len(x_T), []
+    for first in range(0, len(row_ids), rows_per_call):  # a few rows per batch: the CPU is fastest on small ones
+        ids = row_ids[first:first + rows_per_call].repeat_interleave(N, dim=0)  # (rows * N, R)
+        eps_fn = guided_eps_fn(diffusion, model, ids, guidance, guide_from, root_level)
+        noise = x_T.repeat(len(ids) // N, 1, 1, 1)  # (rows * N, C, H, W)
+        gen = None if seed is None else torch.Generator(x_T.device).manual_seed(seed)
+        images.append(diffusion.sample(eps_fn, noise.shape, steps=steps, sampler=sampler, generator=gen,
+                                       device=x_T.device, x_T=noise))
+    return torch.cat(images)
+
+
+# -----------------------------------------------------------------------------
+# Training plumbing (train.py): randomness that a resumed run draws again, as a function of
+# (seed, stage, step); the global generators' states; several processes (torchrun); Ctrl-C
+
+
+def seeded_generator(*key, device="cpu"):
+    """A torch.Generator seeded by a tuple of ints such as (seed, stage, step); nearby keys give unrelated streams."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+
+
+def step_randomness(seed, level, step, B, image_shape, device, mine):
+    """This process's part of the step's random numbers: mirror flips, t, eps, dropout uniforms u (2, b), depth.
+
+    Drawn for the whole global batch of B from a generator seeded by (seed, stage, step), of which this
+    process keeps its slice `mine`: a resumed run, or N processes, draw exactly what one uninterrupted process does.
+    """
+    gen = seeded_generator(seed, level, 1, step, device=device)
+    flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
+    t = torch.randint(0, DiffusionConfig.timesteps, (B,), generator=gen, device=device)[mine]
+    eps = torch.randn((B, *image_shape), generator=gen, device=device)[mine]
+    u = torch.rand(2, B, generator=gen, device=device)[:, mine]
+    depth = torch.rand(B, generator=gen, device=device)[mine]  # --schedule random's cut, in [0, 1)
+    return flip, t, eps, u, depth
+
+
+def stage_batches(n, batch_size, seed, level, first, last, rank=0, world=1):
+    """The indices of this process's part of the global batch of each step from `first` to `last`.
+
+    Epoch e is a permutation of the n images drawn from (seed, stage, e), and each
+    step takes the next batch_size of it (the incomplete tail is dropped), so a
+    batch depends on its step alone: a resumed run, or one on another number of
+    processes, sees the same global batches. Process `rank` of `world` takes the
+    rank-th of `world` equal parts (our DistributedSampler).
+    """
+    share = batch_size // world
+    for step in range(first, last + 1):
+        epoch, i = divmod(step - 1, n // batch_size)
+        if i == 0 or step == first:  # a new epoch, or the first step after a resume
+            # key (seed, stage, 0, epoch); the loop's draws use (seed, stage, 1, step): two separate streams
+            order = torch.randperm(n, generator=seeded_generator(seed, level, 0, epoch))
+        yield order[i * batch_size:(i + 1) * batch_size][rank * share:(rank + 1) * share].tolist()
+
+
+def rng_states():
+    """The global generators' states as plain data: the loop draws from its own, but dropout and user code may not."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]), "python": random.getstate()}
+
+
+def set_rng_states(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def save_resumable(path, rank, world, **state):
+    """Write a stage's resumable checkpoint (train.py's out/<level>.last.pt) with every process's generator
+    states beside `state` (weights, optimizer, step): all it needs to carry on as if never stopped."""
+    rngs = [rng_states()]
+    if world > 1:  # every process's own states, in rank order
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_states())
+    if rank == 0:
+        save_checkpoint(path, **state, rng=rngs)
+
+
+
+def start_processes(cfg):
+    """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the other processes: NCCL, one GPU
+    each, or gloo on the CPU. Returns (rank, world size, cfg with this process's device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, cfg
+    on_gpu = cfg.device.startswith("cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        cfg = replace(cfg, device=f"cuda:{os.environ['LOCAL_RANK']}")
+    return dist.get_rank(), dist.get_world_size(), cfg
+
+
+def wrap_model(model, cfg, world):
+    """What runs the steps: DDP averages the processes' gradients in backward(), torch.compile fuses; and the
+    autocast context. Checkpoints keep `model`, the plain module, so their keys have no "module." or "_orig_mod."."""
+    net = DDP(model) if world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    return net, torch.autocast("cuda", torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+
+
+def mean_over_processes(loss, stop, world, device):
+    """One all-reduce gives every process the mean loss and whether any of them was asked to stop."""
+    shared = torch.stack([loss.detach().float(), torch.tensor(float(len(stop)), device=device)])
+    if world > 1:
+        dist.all_reduce(shared)
+    total_loss, stopping = shared.tolist()
+    return total_loss / world, stopping
+
+
+def catch_stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (preemption) only note the signal; the loop saves and stops after its step.
+
+    A second Ctrl-C stops at once (the last checkpoint is still whole). Returns the list of signals seen.
+    """
+    seen = []
+
+    def note(signum, frame):
+        seen.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, note)
+    return seen
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints that cannot be read or written: one line that names the file and what is wrong
 
@@ -535,6 +677,27 @@ class ArgumentParser(argparse.ArgumentParser):
 def script_parser(doc):
     """The parser of a script whose docstring is its --help description (kept as written: it holds commands)."""
     return ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def config_parser(config, doc, checks):
+    """A parser with a flag for every field of the dataclass `config` (--batch-size for batch_size), whose help
+    is the comment after the field. checks[name]: the values allowed, as a type function of this section
+    or a tuple of choices; a field without one takes any text, a bool field is a switch."""
+    comments = {}
+    for line in inspect.getsource(config).splitlines():
+        if re.match(r"    \w+: ", line):  # a field: "    name: type = default  # comment"
+            comments[line.split(":")[0].strip()] = line.partition("  # ")[2].replace("%", "%%")  # argparse formats %
+    parser = script_parser(doc)
+    for f in fields(config):
+        flag, check = "--" + f.name.replace("_", "-"), checks.get(f.name, str)
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=comments[f.name])
+            continue
+        default = " (default: %(default)s)" if f.default != "" else ""
+        parser.add_argument(flag, default=f.default, help=comments[f.name] + default,
+                            type=str if isinstance(check, tuple) else check,
+                            choices=check if isinstance(check, tuple) else None)
+    return parser
 
 
 MAX_INT = 2 ** 31 - 1  # the largest count or seed taken: every library it is handed to holds it

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, cut_lineage, deepest_rank, finest_checkpoint,
-                   guided_eps_fn, load_checkpoint, save_grid)
+                   load_checkpoint, sample_rows, save_grid)
 from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
 from taxonomy import RANKS, LineageError, Taxonomy
 
@@ -37,25 +37,20 @@ def main(args):
         ids = cut_lineage(ids[None], level)[0]
     name = taxonomy.lineage_str(ids.tolist())
     size = model.unet.cfg.image_size
-    shape = (args.n, model.unet.cfg.in_channels, size, size)
-    gen = torch.Generator(args.device).manual_seed(args.seed)
-    x_T = torch.randn(shape, generator=gen, device=args.device)  # the same seed gives the same pictures
+    x_T = torch.randn((args.n, model.unet.cfg.in_channels, size, size), device=args.device,
+                      generator=torch.Generator(args.device).manual_seed(args.seed))  # a seed gives the same pictures
 
     # one row for the lineage, or (--refine) one row per rank from the first stage down to it, same noise
     deepest = deepest_rank(ids[None]).item()
     levels = range(min(root_level, deepest), deepest + 1) if args.refine else [deepest]
-    rows, labels = [], []
-    for lv in levels:
-        row_ids = cut_lineage(ids[None], lv).expand(args.n, -1)  # (n, R)
-        eps_fn = guided_eps_fn(diffusion, model, row_ids, args.guidance, args.guide_from, root_level)
-        gen.manual_seed(args.seed + 1)  # the DDPM sampler's fresh noise is the same in every row too
-        rows.append(diffusion.sample(eps_fn, shape, steps=args.steps, sampler=args.sampler,
-                                     generator=gen, device=args.device, x_T=x_T))
-        labels.append(taxonomy.vocab[lv][ids[lv].item()])
+    rows = torch.cat([cut_lineage(ids[None], lv) for lv in levels])  # (rows, R)
+    images = sample_rows(diffusion, model, rows, x_T, args.guidance, args.guide_from, root_level, steps=args.steps,
+                         sampler=args.sampler, seed=args.seed + 1)
+    labels = [taxonomy.vocab[lv][ids[lv].item()] for lv in levels]
     out = args.out or os.path.join("out", "refine.png" if args.refine else "samples.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_grid(torch.cat(rows), out, args.n, labels=labels if args.refine else None)
-    print(f"{len(rows) * args.n} images of '{name}' -> {out}")
+    save_grid(images, out, args.n, labels=labels if args.refine else None)
+    print(f"{len(images)} images of '{name}' -> {out}")
 
 
 def build_parser():

@@ -23,35 +23,28 @@ and ends with the same weights, bit for bit on a CPU (docs/training.md).
 
 Read next: sample.py.
 """
-import contextlib
 import copy
-import inspect
 import math
 import os
-import random
-import re
 import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
-                   condition_dropout, cut_lineage, guided_eps_fn, read_checkpoint, save_checkpoint, save_grid,
+                   condition_dropout, cut_lineage, read_checkpoint, sample_rows, save_grid,
                    to_device, update_ema)
-from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, per_species,
-                   positive_float, positive_int, positive_int_list, script_parser, size_multiple)
+from model import (catch_stop_signals, mean_over_processes, save_resumable, set_rng_states, stage_batches,
+                   start_processes, step_randomness, wrap_model)
+from model import (config_parser, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
+                   per_species, positive_float, positive_int, positive_int_list, size_multiple)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
 from unet import SIZES, UNetConfig
-from model import (CheckpointError, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
-                   positive_float, positive_int, positive_int_list, read_checkpoint, size_multiple)
-
 
 @dataclass
 class TrainConfig:
@@ -180,7 +173,9 @@ def train_stage(cfg, stage, plan, dataset, taxonomy, log, rank=0, world=1, stop=
                       f"img/s {(step - stage.start) * B / (time.time() - t0):.1f}\n")
             log.flush()
         if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            save_resumable(stage, step, rank, world)
+            save_resumable(stage.last_path, rank, world, **stage.header, model=model.state_dict(), ema=ema.state_dict(),
+                           optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
+                           cooldown_steps=stage.cool, level=RANKS[level])
             saved = step
         if stopping:
             if rank == 0:
@@ -352,6 +347,14 @@ def load_dataset(cfg, rank=0):
     return dataset, taxonomy, plan
 
 
+# =============================================================================
+# Appendix: the plumbing a first read skips. The checks before a run, a stage's checkpoints
+# and grid, the command line (resumable randomness, torchrun and Ctrl-C: model.py's appendix).
+
+# -----------------------------------------------------------------------------
+# Before a run, and after each stage: what checkpoints record, the finished stage
+
+
 def check_run(cfg, world):
     """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
     (the flags' own values are checked as they are parsed: parse_args)."""
@@ -365,14 +368,6 @@ def check_run(cfg, world):
                          "where bf16 is many times slower than fp32; drop --amp")
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
-
-
-# =============================================================================
-# Appendix: the plumbing a first read skips. A stage's checkpoints, the randomness that
-# a resumed run draws again, several processes, Ctrl-C, and the command line.
-
-# -----------------------------------------------------------------------------
-# Checkpoints of a stage: what they record, the resumable save, the finished stage
 
 
 def network_configs(cfg):
@@ -389,24 +384,19 @@ def run_header(cfg, taxonomy, plan):
                 vocab_sizes=[len(v) for v in taxonomy.vocab], vocab=taxonomy.vocab, lineages=taxonomy.lineages())
 
 
-def save_resumable(stage, step, rank, world):
-    """Write out/<level>.last.pt: everything needed to carry on from `step` as if never stopped."""
-    rngs = [rng_states()]
-    if world > 1:  # every process's own states, in rank order
-        rngs = [None] * world
-        dist.all_gather_object(rngs, rng_states())
-    if rank == 0:
-        save_checkpoint(stage.last_path, **stage.header, model=stage.model.state_dict(), ema=stage.ema.state_dict(),
-                        optimizer=stage.opt.state_dict(), scheduler=stage.sched.state_dict(), rng=rngs, step=step,
-                        cooldown_steps=stage.cool, level=RANKS[stage.level])
-
-
 def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
     """Draw the stage's grid with its EMA weights, then make out/<level>.pt the stage's result."""
     if rank == 0:
         t1, name = time.time(), RANKS[stage.level]
-        draw_stage_grid(stage.ema.eval(), diffusion, taxonomy, stage.level, plan[0], cfg,
-                        os.path.join(cfg.out, f"{name}.png"))
+        # one row per taxon of this rank, EMA weights, the same noise in every row (so columns compare)
+        taxa = range(1, len(taxonomy.vocab[stage.level]))
+        x_T = torch.randn((cfg.grid_cols, stage.model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
+                          generator=torch.Generator(cfg.device).manual_seed(cfg.seed), device=cfg.device)
+        rows = torch.tensor([taxonomy.ancestors(stage.level, i) for i in taxa], device=cfg.device)  # (taxa, R)
+        images = sample_rows(diffusion, stage.ema.eval(), rows, x_T, cfg.guidance, cfg.guide_from, plan[0],
+                             steps=cfg.grid_steps, rows_per_call=max(1, 64 // cfg.grid_cols))
+        save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
+                  labels=[taxonomy.vocab[stage.level][i] for i in taxa])
         os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read
         msg = (f"stage {name} done: {train_time:.0f} s training "
                f"({(stage.steps - stage.start) * cfg.batch_size / max(train_time, 1e-6):.1f} img/s), "
@@ -417,158 +407,24 @@ def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, w
         dist.barrier()  # the next stage reads out/<level>.pt in every process
 
 
-@torch.no_grad()
-def draw_stage_grid(model, diffusion, taxonomy, level, root_level, cfg, path):
-    """One row per taxon of rank `level`, the same noise in every row (so columns compare), EMA weights."""
-    rows = range(1, len(taxonomy.vocab[level]))
-    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
-    x_T = torch.randn((cfg.grid_cols, model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
-                      generator=gen, device=cfg.device)  # (cols, C, H, W): the same noise in every row
-    chunk = max(1, 64 // cfg.grid_cols)  # rows per sampling batch (the CPU is fastest on small batches)
-    images = []
-    for first in range(0, len(rows), chunk):
-        taxa = rows[first:first + chunk]
-        ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa for _ in range(cfg.grid_cols)], device=cfg.device)
-        eps_fn = guided_eps_fn(diffusion, model, ids, cfg.guidance, cfg.guide_from, root_level)
-        noise = x_T.repeat(len(taxa), 1, 1, 1)  # (len(taxa) * cols, C, H, W)
-        images.append(diffusion.sample(eps_fn, noise.shape, steps=cfg.grid_steps, x_T=noise, device=cfg.device))
-    save_grid(torch.cat(images), path, cfg.grid_cols, labels=[taxonomy.vocab[level][i] for i in rows])
-
-
 # -----------------------------------------------------------------------------
-# Randomness that a resumed run draws again: every draw is a function of (seed, stage, step)
-
-
-def seeded_generator(*key, device="cpu"):
-    """A torch.Generator seeded by a tuple of ints such as (seed, stage, step); nearby keys give unrelated streams."""
-    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
-
-
-def step_randomness(seed, level, step, B, image_shape, device, mine):
-    """This process's part of the step's random numbers: mirror flips, t, eps, dropout uniforms u (2, b), depth.
-
-    Drawn for the whole global batch of B from a generator seeded by (seed, stage, step), of which this
-    process keeps its slice `mine`: a resumed run, or N processes, draw exactly what one uninterrupted process does.
-    """
-    gen = seeded_generator(seed, level, 1, step, device=device)
-    flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
-    t = torch.randint(0, DiffusionConfig.timesteps, (B,), generator=gen, device=device)[mine]
-    eps = torch.randn((B, *image_shape), generator=gen, device=device)[mine]
-    u = torch.rand(2, B, generator=gen, device=device)[:, mine]
-    depth = torch.rand(B, generator=gen, device=device)[mine]  # --schedule random's cut, in [0, 1)
-    return flip, t, eps, u, depth
-
-
-def stage_batches(n, batch_size, seed, level, first, last, rank=0, world=1):
-    """The indices of this process's part of the global batch of each step from `first` to `last`.
-
-    Epoch e is a permutation of the n images drawn from (seed, stage, e), and each
-    step takes the next batch_size of it (the incomplete tail is dropped), so a
-    batch depends on its step alone: a resumed run, or one on another number of
-    processes, sees the same global batches. Process `rank` of `world` takes the
-    rank-th of `world` equal parts (our DistributedSampler).
-    """
-    share = batch_size // world
-    for step in range(first, last + 1):
-        epoch, i = divmod(step - 1, n // batch_size)
-        if i == 0 or step == first:  # a new epoch, or the first step after a resume
-            # key (seed, stage, 0, epoch); the loop's draws use (seed, stage, 1, step): two separate streams
-            order = torch.randperm(n, generator=seeded_generator(seed, level, 0, epoch))
-        yield order[i * batch_size:(i + 1) * batch_size][rank * share:(rank + 1) * share].tolist()
-
-
-def rng_states():
-    """The global generators' states as plain data: the loop draws from its own, but dropout and user code may not."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-            "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]), "python": random.getstate()}
-
-
-def set_rng_states(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-# -----------------------------------------------------------------------------
-# Processes (torchrun), Ctrl-C, command line
-
-
-def start_processes(cfg):
-    """Under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK) join the other processes: NCCL, one GPU
-    each, or gloo on the CPU. Returns (rank, world size, cfg with this process's device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, cfg
-    on_gpu = cfg.device.startswith("cuda")
-    dist.init_process_group("nccl" if on_gpu else "gloo")
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        cfg = replace(cfg, device=f"cuda:{os.environ['LOCAL_RANK']}")
-    return dist.get_rank(), dist.get_world_size(), cfg
-
-
-def wrap_model(model, cfg, world):
-    """What runs the steps: DDP averages the processes' gradients in backward(), torch.compile fuses; and the
-    autocast context. Checkpoints keep `model`, the plain module, so their keys have no "module." or "_orig_mod."."""
-    net = DDP(model) if world > 1 else model
-    net = torch.compile(net) if cfg.compile else net
-    return net, torch.autocast("cuda", torch.bfloat16) if cfg.amp else contextlib.nullcontext()
-
-
-def mean_over_processes(loss, stop, world, device):
-    """One all-reduce gives every process the mean loss and whether any of them was asked to stop."""
-    shared = torch.stack([loss.detach().float(), torch.tensor(float(len(stop)), device=device)])
-    if world > 1:
-        dist.all_reduce(shared)
-    total_loss, stopping = shared.tolist()
-    return total_loss / world, stopping
-
-
-def catch_stop_signals():
-    """Ctrl-C (SIGINT) and SIGTERM (preemption) only note the signal; the loop saves and stops after its step.
-
-    A second Ctrl-C stops at once (the last checkpoint is still whole). Returns the list of signals seen.
-    """
-    seen = []
-
-    def note(signum, frame):
-        seen.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, note)
-    return seen
+# The command line
 
 
 def build_parser():
-    """Every TrainConfig field is a flag (--batch-size 64, --level species, ...); its help is the field's comment."""
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        if re.match(r"    \w+: ", line):  # a field: "    name: type = default  # comment"
-            comments[line.split(":")[0].strip()] = line.partition("  # ")[2]
-    parser = script_parser(__doc__)
-    for f in fields(TrainConfig):
-        flag, text = "--" + f.name.replace("_", "-"), comments[f.name].replace("%", "%%")  # argparse formats help
-        if f.type is bool:  # --amp, --compile: switches
-            parser.add_argument(flag, action="store_true", help=text)
-            continue
-        choices = {"level": RANKS, "first_level": RANKS, "size": SIZES, "guide_from": ("null", "parent", "root"),
-                   "format": FORMATS, "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"),
-                   "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"), "new_rank_init": ("zero", "random"),
-                   "loss_weight": ("eps", "v"), "attention": ("auto", "triton", "sdpa", "torch")}.get(f.name)
-        # what each value may be (model.py, "Command-line values"); the other strings are free text
-        kind = {"steps": nonneg_int, "batch_size": positive_int, "lr": positive_float, "warmup": positive_int,
-                "cooldown": fraction, "embed_lr_mult": positive_float, "grad_clip": positive_float,
-                "ema_decay": fraction, "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list,
-                "image_size": positive_int, "per_species": per_species, "image_root": input_path,
-                "boxes": input_path, "workers": nonneg_int, "seed": nonneg_int, "device": device_name,
-                "out": output_path, "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int,
-                "save_every": nonneg_int}.get(f.name, str)
-        default = " (default: %(default)s)" if f.default != "" else ""
-        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text + default)
-    return parser
+    """Every TrainConfig field is a flag (--batch-size 64, --level species, ...), its help the field's comment;
+    the values each may take are checked as it is parsed (model.py, "Command-line values")."""
+    return config_parser(TrainConfig, __doc__, {
+        "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
+        "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
+        "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
+        "attention": ("auto", "triton", "sdpa", "torch"),
+        "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list, "steps": nonneg_int,
+        "batch_size": positive_int, "lr": positive_float, "embed_lr_mult": positive_float, "warmup": positive_int,
+        "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
+        "per_species": per_species, "image_root": input_path, "boxes": input_path, "seed": nonneg_int,
+        "device": device_name, "out": output_path, "workers": nonneg_int, "save_every": nonneg_int,
+        "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int})
 
 
 def parse_args(argv=None):

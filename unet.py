@@ -330,6 +330,12 @@ class Autoencoder(nn.Module):
         """z (B, C_z, H/f, W/f) -> images (B, 3, H, W)."""
         return self.decoder(z)
 
+    def forward(self, x, noise):
+        """The training pass: x -> q(z|x) -> z = mean + std * noise (reparameterised) -> x_rec.
+        noise ~ N(0, I) is (B, C_z, H/f, W/f). Returns (x_rec, mean, logvar)."""
+        mean, logvar = self.encode(x)
+        return self.decode(mean + (0.5 * logvar).exp() * noise), mean, logvar
+
     def to_latent(self, x):
         """What the diffusion model learns: the posterior mean, scaled to unit variance (LDM samples z;
         at kl_weight 1e-6 the posterior's std is tiny beside the mean's spread: model.py logs both)."""
@@ -340,21 +346,20 @@ class Autoencoder(nn.Module):
         return self.decode(z / self.scale)
 
 
-def autoencoder_loss(ae, x, generator=None):
+def autoencoder_loss(net, x, noise, cfg):
     """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) + edge_weight * an edge term; returns (loss, parts).
 
+    net: the Autoencoder (or DDP around it), cfg its AutoencoderConfig; noise as in Autoencoder.forward.
     As in LDM the KL is summed over each image's latent and the reconstruction over its pixels; both are
     divided by the pixel count here, so the L1 term reads as a mean. The edge term keeps what L1 blurs:
     "gradient" compares the images' finite differences (their edges), "ssim" is 1 - SSIM (structure),
     "fft" compares their 2D spectra (fine detail is the high frequencies).
     """
-    mean, logvar = ae.encode(x)
-    z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=x.device)  # reparam.
-    x_rec = ae.decode(z)
+    x_rec, mean, logvar = net(x, noise)
     pixels = x[0].numel()  # C * H * W
     l1 = (x - x_rec).abs().mean()
     kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / pixels
-    kind = ae.cfg.edge_loss
+    kind = cfg.edge_loss
     if kind == "gradient":  # |d/dx x - d/dx x_rec| + |d/dy x - d/dy x_rec|
         d = x - x_rec
         edge = (d[..., :, 1:] - d[..., :, :-1]).abs().mean() + (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
@@ -366,7 +371,7 @@ def autoencoder_loss(ae, x, generator=None):
         edge = torch.zeros((), device=x.device)
     else:
         raise ValueError(f"unknown edge loss '{kind}' (use gradient, ssim, fft or none)")
-    loss = l1 + ae.cfg.kl_weight * kl + ae.cfg.edge_weight * edge
+    loss = l1 + cfg.kl_weight * kl + cfg.edge_weight * edge
     return loss, dict(l1=l1.detach(), kl=kl.detach(), edge=edge.detach())
 
 

@@ -2,8 +2,9 @@
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers) and guidance; then, in an appendix, what the
 scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (the
-randomness a resumed run draws again, torchrun, Ctrl-C), the one-line errors
-of a bad checkpoint or a full disk, and the checks of every flag.
+randomness a resumed run draws again, torchrun, Ctrl-C), latent space (the
+autoencoder stage of train.py --latent, the latent cache, decoding), the
+one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
@@ -315,8 +316,9 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
 # =============================================================================
 # Appendix: what the scripts share besides the method. EMA, checkpoints (save, load,
 # compatibility, taxa by name), sampling rows of a picture grid, train.py's plumbing
-# (resumable randomness, torchrun, Ctrl-C), then one-line errors for bad checkpoints
-# and the checks of every command-line value. A first read stops here.
+# (resumable randomness, torchrun, Ctrl-C), latent space (the autoencoder stage, the
+# latent cache, decoding), then one-line errors for bad checkpoints and the checks of
+# every command-line value. A first read stops here.
 
 # -----------------------------------------------------------------------------
 # EMA and checkpoints
@@ -786,7 +788,9 @@ def train_autoencoder(cfg, ae, opt, sched, start, dataset, train, last_path, hea
     mine = slice(rank * B // world, (rank + 1) * B // world)
     batches = stage_batches(len(train), B, cfg.seed, AUTOENCODER_KEY, start + 1, cfg.ae_steps, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=(train[b].tolist() for b in batches))
-    z_shape = (ae.cfg.latent_channels, ae.cfg.image_size // ae.cfg.f, ae.cfg.image_size // ae.cfg.f)
+    size, f = ae.cfg.image_size, ae.cfg.f
+    crop = cfg.ae_crop if 0 < cfg.ae_crop < size else size  # the side of what each step trains on
+    z_shape = (ae.cfg.latent_channels, crop // f, crop // f)
     ae.train()
     t0 = time.time()
     pbar = tqdm(loader, desc="autoencoder", initial=start, total=cfg.ae_steps, dynamic_ncols=True, disable=rank > 0)
@@ -794,7 +798,11 @@ def train_autoencoder(cfg, ae, opt, sched, start, dataset, train, last_path, hea
         gen = seeded_generator(cfg.seed, AUTOENCODER_KEY, 1, step, device=device)
         flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
         noise = torch.randn((B, *z_shape), generator=gen, device=device)[mine]  # for z = mean + std * noise
+        corner = (torch.randint(0, (size - crop) // f + 1, (B, 2), generator=gen, device=device) * f)[mine].tolist()
         x = torch.where(flip.view(-1, 1, 1, 1), x.to(device).flip(-1), x.to(device))  # a random mirror image
+        # a random crop of each (on the latent grid): the network is convolutional, so it learns from crops at
+        # a fraction of the cost (a quarter at 32 of 64) what it then does on whole images
+        x = torch.stack([im[:, i:i + crop, j:j + crop] for im, (i, j) in zip(x, corner)])  # (b, 3, crop, crop)
         loss, parts = autoencoder_loss(net, x, noise, ae.cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

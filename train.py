@@ -6,6 +6,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
     python train.py --data train.json --image-size 64   # your own data (docs/data.md)
     torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
     python train.py --level species --schedule flat --out out/flat   # an ablation: species ids only, one stage
+    python train.py --latent --image-size 64 --level species --out out/latent64   # on an autoencoder's latents
 
 The method in three lines of the loop (train_stage): stage `order` sees each
 lineage cut below order (kingdom, phylum, class, order); condition dropout
@@ -20,6 +21,11 @@ rank, drawn with the EMA weights and a fixed seed. While a stage trains,
 out/<level>.last.pt holds all it needs to carry on, rewritten every
 --save-every steps and on Ctrl-C or SIGTERM; the same command resumes from it
 and ends with the same weights, bit for bit on a CPU (docs/training.md).
+
+With --latent the stages learn the latents of an autoencoder (unet.py), trained
+first as a stage of its own (model.py's autoencoder_stage: out/autoencoder.pt,
+and out/autoencoder.png, held-out originals over their reconstructions); the
+images are encoded once, and the loop below is the same: a latent is the x0.
 
 Read next: sample.py.
 """
@@ -75,7 +81,8 @@ class TrainConfig:
     latent_channels: int = 4  # channels of a latent
     ae_steps: int = 1500  # optimizer steps of the autoencoder stage
     ae_batch_size: int = 16  # images per autoencoder step, over all processes
-    ae_lr: float = 1e-3  # the autoencoder's AdamW learning rate
+    ae_crop: int = 32  # the autoencoder trains on random crops of this side (a multiple of --latent-f; 0: whole images)
+    ae_lr: float = 3e-4  # the autoencoder's AdamW learning rate
     ae_edge_loss: str = "gradient"  # what keeps its edges sharp beside L1: gradient, ssim, fft or none (unet.autoencoder_loss)
     # the data
     data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)
@@ -110,7 +117,8 @@ class TrainConfig:
 FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
                   "guidance", "guide_from", "grid_cols", "grid_steps")
 SCHEDULES = ("progressive", "all", "random", "flat")
-LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_lr", "ae_edge_loss")
+LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
+                "ae_edge_loss")
 # What the autoencoder stage computes from: its own flags and the images. A different value refuses out/autoencoder.pt.
 AUTOENCODER_FLAGS = LATENT_FLAGS[1:] + ("grad_clip", "data", "image_size", "per_species", "format", "top_rank",
                                         "columns", "image_root", "boxes", "seed")
@@ -458,7 +466,7 @@ def build_parser():
         "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
         "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,
         "ae_edge_loss": ("gradient", "ssim", "fft", "none"), "latent_channels": positive_int, "ae_steps": positive_int,
-        "ae_batch_size": positive_int, "ae_lr": positive_float,
+        "ae_batch_size": positive_int, "ae_crop": nonneg_int, "ae_lr": positive_float,
         "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list, "steps": nonneg_int,
         "batch_size": positive_int, "lr": positive_float, "embed_lr_mult": positive_float, "warmup": positive_int,
         "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
@@ -475,6 +483,8 @@ def parse_args(argv=None):
         if cfg.image_size % (cfg.latent_f * size_multiple(cfg.size)):
             parser.error(f"argument --image-size: must be a multiple of {cfg.latent_f * size_multiple(cfg.size)} for "
                          f"--latent-f {cfg.latent_f} and --size {cfg.size} (got {cfg.image_size})")
+        if cfg.ae_crop % cfg.latent_f:  # a crop is a whole number of latent positions
+            parser.error(f"argument --ae-crop: must be a multiple of --latent-f {cfg.latent_f} (got {cfg.ae_crop})")
     elif cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
         parser.error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
                      f"(got {cfg.image_size})")

@@ -8,9 +8,10 @@ prediction: v by default, which model.py's Diffusion.eps turns into the noise ep
 It works on any (C, H, W): pixels (3, 32, 32) by default, or latents.
 Every block is: ResBlock (with the timestep and the pooled context) ->
 self-attention (at low resolutions) -> cross-attention to the context tokens. All attention math goes
-through one function, `attention(q, k, v)`.
+through one function, `attention(q, k, v)`. After the UNet, under its own banner, the autoencoder of
+latent diffusion (train.py --latent), built from the same ResBlocks: images <-> latents.
 
-    python unet.py          # prints the parameter count of each named size
+    python unet.py          # prints the parameter count of each named size, and of the autoencoder
 
 Read next: model.py (the diffusion process and the rank-token conditioner).
 """
@@ -272,8 +273,8 @@ class AutoencoderConfig:
     image_size: int = 64  # H = W of the images
     f: int = 4  # downsampling factor: latents are (latent_channels, H / f, W / f); 2, 4 or 8
     latent_channels: int = 4  # C_z, channels of the latent
-    base_channels: int = 32  # channels at full resolution
-    channel_mults: tuple = (1, 2, 2, 2)  # channels per level = base * mult; the first log2(f) + 1 are used
+    base_channels: int = 16  # channels at full resolution
+    channel_mults: tuple = (1, 2, 4, 4)  # channels per level = base * mult; the first log2(f) + 1 are used
     num_res_blocks: int = 1  # ResBlocks per level
     groups: int = 8  # GroupNorm groups
     kl_weight: float = 1e-6  # weight of the KL term (LDM's), per image summed over the latent as in LDM
@@ -302,6 +303,9 @@ class Autoencoder(nn.Module):
                 enc.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halve H and W
         enc += [ResBlock(c, c, 0, g, 0.0), nn.GroupNorm(g, c), nn.SiLU(),
                 nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)]  # mean and log-variance
+        # The log-variance starts at -8 (std 0.02), not 0: the KL weight of 1e-6 hardly asks for noise, and a
+        # posterior std of 1 at the start would bury the decoder's input in it for the first many steps.
+        nn.init.constant_(enc[-1].bias[cfg.latent_channels:], -8.0)
         self.encoder = nn.Sequential(*enc)
 
         dec = [nn.Conv2d(cfg.latent_channels, c, 3, padding=1), ResBlock(c, c, 0, g, 0.0)]
@@ -377,7 +381,7 @@ def autoencoder_loss(net, x, noise, cfg):
 
 def ssim(x, y, window=11, sigma=1.5, data_range=2.0):
     """Mean SSIM (Wang et al. 2004) of two image batches in [-1, 1], Gaussian window, per channel."""
-    C = x.shape[1]
+    C, window = x.shape[1], min(window, *x.shape[-2:])  # a crop smaller than the window: the crop
     g = torch.exp(-(torch.arange(window, device=x.device) - window // 2) ** 2 / (2 * sigma ** 2))
     g = (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (window, window), sums to 1
     k = g.expand(C, 1, window, window).to(x.dtype)  # one window per channel (groups=C)
@@ -694,3 +698,6 @@ if __name__ == "__main__":
     for name, overrides in SIZES.items():
         net = UNet(UNetConfig(**overrides))
         print(f"{name:6s} {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
+    for f in (2, 4, 8):
+        ae = Autoencoder(AutoencoderConfig(f=f))
+        print(f"autoencoder f={f}: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M parameters")

@@ -146,6 +146,7 @@ def test_good_values_pass(workdir):
     (["--p-uncond", "0.5", "--p-cut", "0.7"], "argument --p-cut: must be at most 0.5 beside --p-uncond 0.5"),
     (["--latent", "--image-size", "48", "--latent-f", "8"],
      "argument --image-size: must be a multiple of 32 for --latent-f 8 and --size small (got 48)"),
+    (["--latent", "--ae-crop", "30"], "argument --ae-crop: must be a multiple of --latent-f 4 (got 30)"),
 ])
 def test_flags_that_only_fail_together(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:

@@ -721,8 +721,10 @@ def autoencoder_stage(cfg, ae_config, dataset, fixed_flags, log, rank=0, world=1
     Returns (the autoencoder in eval mode, None), or (None, the signal that stopped it)."""
     path, last_path = (os.path.join(cfg.out, f"autoencoder{end}.pt") for end in ("", ".last"))
     header = dict(autoencoder_config=asdict(ae_config), train_config=asdict(cfg))
+    resumed = None
     for found in (p for p in (path, last_path) if os.path.exists(p)):
-        check_autoencoder(open_checkpoint(found), found, header, fixed_flags)
+        resumed = open_checkpoint(found)
+        check_autoencoder(resumed, found, header, fixed_flags)
         if found == path:
             if rank == 0:
                 print(f"autoencoder: using {path} (delete it to train it again)")
@@ -730,11 +732,10 @@ def autoencoder_stage(cfg, ae_config, dataset, fixed_flags, log, rank=0, world=1
     torch.manual_seed(cfg.seed + AUTOENCODER_KEY)  # the same initial weights in every process
     ae = to_device(Autoencoder(ae_config), cfg.device)
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
-    cool = round(0.3 * cfg.ae_steps)  # warm up for 50 steps, decay to 0 over the last 30 %, as the stages
+    cool = max(1, round(0.3 * cfg.ae_steps))  # warm up for 50 steps, decay to 0 over the last 30 %, as a stage
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50, (cfg.ae_steps - s) / cool))
     start = 0
-    if os.path.exists(last_path):
-        resumed = open_checkpoint(last_path)
+    if resumed:  # an interrupted autoencoder stage: carry on exactly where it stopped
         for obj, key in ((ae, "autoencoder"), (opt, "optimizer"), (sched, "scheduler")):
             obj.load_state_dict(resumed[key])
         if len(resumed["rng"]) == world:

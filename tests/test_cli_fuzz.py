@@ -34,7 +34,8 @@ def bench(name):
 
 
 SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid,
-           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "loader", "paper_claims", "samplers", "speed")}}
+           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "autoencoder", "loader", "paper_claims", "samplers",
+                                                         "speed")}}
 MISSING = "/nonexistent/taxa-fuzz/file.pt"
 UNWRITABLE = "/dev/null/out"  # below a file: no folder can be made there
 HUGE = "1" + "0" * 30

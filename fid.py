@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from model import Diffusion, DiffusionConfig, finest_checkpoint, guided_eps_fn, load_checkpoint
+from model import (Diffusion, DiffusionConfig, autoencoder_of, finest_checkpoint, guided_eps_fn, load_checkpoint,
+                   to_pixels)
 from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
 from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, toy_dataset
 
@@ -269,8 +270,10 @@ def to_uint8(x):
 
 
 @torch.inference_mode()
-def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device, sampler="ddim"):
-    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), with guidance scale `scale` (1 = off) and `sampler`."""
+def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device, sampler="ddim",
+             autoencoder=None):
+    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), with guidance scale `scale` (1 = off) and `sampler`;
+    a latent model's samples are left unclamped and decoded by its autoencoder."""
     cfg = model.unet.cfg
     gen = torch.Generator(device).manual_seed(seed)
     out = []
@@ -278,18 +281,33 @@ def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_
         b = ids[i:i + batch_size].to(device)  # (b, R)
         eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
         x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
-                             sampler=sampler, generator=gen, device=device)
-        out.append(to_uint8(x[:, :3]).cpu())
+                             sampler=sampler, generator=gen, device=device, clip=None if autoencoder else 1.0)
+        out.append(to_uint8(to_pixels(x, autoencoder)[:, :3]).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct(autoencoder, images, device, batch_size=64):
+    """uint8 images (N, 3, H, W) -> encoded (the posterior mean) and decoded, uint8."""
+    out = [to_uint8(autoencoder.decode(autoencoder.encode(x.to(device).float() / 127.5 - 1)[0])).cpu()
+           for x in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def psnr(a, b):
+    """Mean over images of 10 log10(255^2 / MSE), for uint8 images (N, 3, H, W)."""
+    mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
+    return (10 * torch.log10(255 ** 2 / mse)).mean().item()
 
 
 def evaluate_checkpoint(args):
     model, ckpt = load_checkpoint(args.ckpt, args.device)
+    autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     taxonomy = Taxonomy(ckpt["lineages"])
     level = RANKS.index(ckpt["level"])
     root_level = RANKS.index(ckpt["stages"][0])
-    size = model.unet.cfg.image_size
+    size = autoencoder.cfg.image_size if autoencoder else model.unet.cfg.image_size  # of the images, in pixels
     toy = ckpt["train_config"].get("data", "toy") == "toy"
     if not toy and args.real is None:
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
@@ -313,6 +331,13 @@ def evaluate_checkpoint(args):
         ref_cf, ref_pred = classify(clf, ref)
         acc = (ref_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
         rows.append(("real toy images (a 2nd set)", len(ref), ref_f, acc, ref_cf))
+        if autoencoder:  # the 2nd set encoded and decoded: the best a latent model can draw
+            rec = reconstruct(autoencoder, ref, args.device)
+            rec_f = inception_features(net, rec, args.mode, args.batch_size, args.device, "inception (reconstructed)")
+            rec_cf, rec_pred = classify(clf, rec)
+            acc = (rec_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
+            rows.append((f"the 2nd set through the autoencoder (PSNR {psnr(ref, rec):.2f} dB)", len(rec), rec_f, acc,
+                         rec_cf))
     else:
         real_f = None
         if str(args.real).endswith(".npz"):
@@ -322,7 +347,7 @@ def evaluate_checkpoint(args):
 
     for scale in args.guidance:
         images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
-                          args.sample_batch_size, args.seed, args.device, args.sampler)
+                          args.sample_batch_size, args.seed, args.device, args.sampler, autoencoder)
         feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
         acc, cf = None, None
         if toy:

@@ -2,8 +2,9 @@
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers) and guidance; then, in an appendix, what the
 scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (the
-randomness a resumed run draws again, torchrun, Ctrl-C), the one-line errors
-of a bad checkpoint or a full disk, and the checks of every flag.
+randomness a resumed run draws again, torchrun, Ctrl-C), latent space (the
+autoencoder stage of train.py --latent, the latent cache, decoding), the
+one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
@@ -16,6 +17,7 @@ Read next: train.py (the stage-by-stage training loop), then sample.py.
 import argparse
 import contextlib
 import errno
+import hashlib
 import inspect
 import io
 import math
@@ -25,8 +27,11 @@ import random
 import re
 import shutil
 import signal
+import sys
+import time
 import zipfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +39,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from taxonomy import RANKS, normalize, species_counts
-from unet import SIZES, UNet, UNetConfig
+from unet import SIZES, Autoencoder, AutoencoderConfig, UNet, UNetConfig, autoencoder_loss
 
 # -----------------------------------------------------------------------------
 # Conditioning: a lineage of R ranks becomes R + 1 context tokens
@@ -310,8 +316,9 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
 # =============================================================================
 # Appendix: what the scripts share besides the method. EMA, checkpoints (save, load,
 # compatibility, taxa by name), sampling rows of a picture grid, train.py's plumbing
-# (resumable randomness, torchrun, Ctrl-C), then one-line errors for bad checkpoints
-# and the checks of every command-line value. A first read stops here.
+# (resumable randomness, torchrun, Ctrl-C), latent space (the autoencoder stage, the
+# latent cache, decoding), then one-line errors for bad checkpoints and the checks of
+# every command-line value. A first read stops here.
 
 # -----------------------------------------------------------------------------
 # EMA and checkpoints
@@ -384,6 +391,14 @@ def check_checkpoint(ckpt, path, header, free, resuming):
     since its optimizer state is in its own id order; a finished stage is reordered by name (by_name).
     """
     fix = f"use the flags it was trained with, another --out, or delete {path}"
+    theirs, ours = ckpt.get("autoencoder"), header.get("autoencoder")  # None: pixels
+    if (theirs or {}).get("sha256") != (ours or {}).get("sha256"):
+        if theirs and ours:
+            raise CheckpointError(f"{path} was trained on the latents of another autoencoder (weights sha256 "
+                                  f"{theirs['sha256'][:12]}, this run's {ours['file']} {ours['sha256'][:12]}); "
+                                  f"delete it to train this stage again on the new latents, or use another --out")
+        raise CheckpointError(f"{path} was trained on {'latents (--latent)' if theirs else 'pixels'}, this run on "
+                              f"{'latents (--latent)' if ours else 'pixels'}; {fix}")
     if ckpt.get("ranks") != header["ranks"]:
         ranks = "/".join(ckpt["ranks"]) if ckpt.get("ranks") else "not recorded (an older train.py)"
         raise CheckpointError(f"{path} has ranks {ranks}, this run {'/'.join(header['ranks'])}; {fix}")
@@ -463,18 +478,20 @@ def save_grid(x, path, ncols, labels=None):
 
 @torch.no_grad()
 def sample_rows(diffusion, model, row_ids, x_T, guidance, guide_from="null", root_level=2, steps=50, sampler="ddim",
-                seed=None, rows_per_call=1):
+                seed=None, rows_per_call=1, autoencoder=None):
     """One row of len(x_T) images for each lineage of row_ids (rows, R), every row from the same noise x_T
     (N, C, H, W), so that a column compares the lineages. seed: the DDPM sampler's fresh noise, the same in
-    every call too (None: the global generator). Returns (rows * N, C, H, W), row by row."""
+    every call too (None: the global generator). With an autoencoder the model draws latents, which are left
+    unclamped (their range is not the pixels') and decoded. Returns images (rows * N, 3, H, W), row by row."""
     N, images = len(x_T), []
     for first in range(0, len(row_ids), rows_per_call):  # a few rows per batch: the CPU is fastest on small ones
         ids = row_ids[first:first + rows_per_call].repeat_interleave(N, dim=0)  # (rows * N, R)
         eps_fn = guided_eps_fn(diffusion, model, ids, guidance, guide_from, root_level)
         noise = x_T.repeat(len(ids) // N, 1, 1, 1)  # (rows * N, C, H, W)
         gen = None if seed is None else torch.Generator(x_T.device).manual_seed(seed)
-        images.append(diffusion.sample(eps_fn, noise.shape, steps=steps, sampler=sampler, generator=gen,
-                                       device=x_T.device, x_T=noise))
+        x = diffusion.sample(eps_fn, noise.shape, steps=steps, sampler=sampler, generator=gen, device=x_T.device,
+                             x_T=noise, clip=None if autoencoder else 1.0)
+        images.append(to_pixels(x, autoencoder))
     return torch.cat(images)
 
 
@@ -595,6 +612,262 @@ def catch_stop_signals():
 
 
 # -----------------------------------------------------------------------------
+# Latent space (train.py --latent): the autoencoder stage, the latent cache, decoding
+#
+# The autoencoder (unet.py) trains first, as a stage of its own: out/autoencoder.pt, resumable from
+# out/autoencoder.last.pt like any stage. The images are then encoded once (out/latents-<key>.npy)
+# and the taxonomic stages learn those latents. Every stage checkpoint records its autoencoder
+# (autoencoder_record: the file's name, its config and a hash of its weights), so sample.py and fid.py
+# find it beside the checkpoint, decode with no extra flag, and refuse another one.
+
+AUTOENCODER_KEY = 100  # the autoencoder stage's key in seeded_generator (the rank stages use 0..6)
+
+
+def weights_hash(state):
+    """sha256 of a state dict's names and values: what names an autoencoder, whichever file holds it."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())  # contiguous: channels-last or not, one hash
+    return h.hexdigest()
+
+
+def autoencoder_record(ae, path):
+    """What a stage checkpoint keeps of its autoencoder: the file's name (beside it), its config, its weights' hash."""
+    return dict(file=os.path.basename(path), config=asdict(ae.cfg), sha256=weights_hash(ae.state_dict()))
+
+
+def load_autoencoder(path, device="cpu"):
+    """Open an autoencoder file (torch.load(weights_only=True)) and rebuild it: (Autoencoder in eval mode, ckpt)."""
+    ckpt = open_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or "autoencoder" not in ckpt or "autoencoder_config" not in ckpt:
+        raise CheckpointError(f"{path} is not an autoencoder of train.py --latent: it holds no autoencoder, "
+                              "autoencoder_config")
+    unknown = [k for k in ckpt["autoencoder_config"] if k not in {f.name for f in fields(AutoencoderConfig)}]
+    ae = Autoencoder(AutoencoderConfig(**{k: v for k, v in ckpt["autoencoder_config"].items() if k not in unknown}))
+    try:
+        if unknown:
+            raise RuntimeError(f"autoencoder_config {', '.join(unknown)}, unknown here")
+        ae.load_state_dict(ckpt["autoencoder"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} was written by another version of train.py ({str(e).splitlines()[0]}): "
+                              "train it again, or use the version that wrote it") from None
+    return to_device(ae, device).eval(), ckpt
+
+
+def autoencoder_of(ckpt, path, device="cpu"):
+    """The autoencoder whose latents the stage checkpoint at `path` generates, from the file beside it; None for a
+    pixel checkpoint. Refused in one line when that file is missing or holds another autoencoder."""
+    record = ckpt.get("autoencoder")
+    if record is None:
+        return None
+    ae_path = os.path.join(os.path.dirname(path), record["file"])
+    if not os.path.exists(ae_path):
+        raise CheckpointError(f"{path} generates latents of the autoencoder {ae_path}, which is missing: put the "
+                              f"{record['file']} it was trained with beside it")
+    ae, _ = load_autoencoder(ae_path, device)
+    if (found := weights_hash(ae.state_dict())) != record["sha256"]:
+        raise CheckpointError(f"{ae_path} is another autoencoder than the one {path} was trained with (weights "
+                              f"sha256 {found[:12]}, not {record['sha256'][:12]}): put the right one beside it, "
+                              "or train the stages again")
+    return ae
+
+
+@torch.no_grad()
+def to_pixels(x, autoencoder):
+    """Samples as images in [-1, 1]: latents through the decoder (a batch of 64 at a time), pixels as they are."""
+    if autoencoder is None:
+        return x
+    return torch.cat([autoencoder.to_pixels(z) for z in x.split(64)])
+
+
+def encode_dataset(ae, images, cache_dir, device="cpu", batch_size=64, rank=0, world=1):
+    """The latents of every image, (N, C_z, h, w) float32, encoded once into cache_dir/latents-<key>.npy
+    (by process 0; the others wait, then read it).
+
+    The key hashes the autoencoder's weights and the images' bytes, so a new autoencoder (or other images)
+    encodes again; the outdated cache is then removed. images: uint8 (N, 3, H, W), a tensor or an array.
+    """
+    key = hashlib.sha256(weights_hash(ae.state_dict()).encode())
+    for i in range(0, len(images), 4096):
+        key.update(np.ascontiguousarray(images[i:i + 4096]).tobytes())
+    path = os.path.join(cache_dir, f"latents-{key.hexdigest()[:16]}.npy")
+    if rank == 0 and not os.path.exists(path):
+        encode_into(ae, images, path, device, batch_size)
+    elif rank == 0:
+        print(f"latents: {path} (cached; encoded again when the autoencoder or the images change)")
+    if world > 1:
+        dist.barrier()
+    return torch.from_numpy(np.load(path))
+
+
+@torch.no_grad()
+def encode_into(ae, images, path, device, batch_size):
+    """Encode every image and save the latents at `path` (atomically); remove any older latents-*.npy beside it."""
+    z = torch.cat([ae.to_latent(torch.as_tensor(images[i:i + batch_size]).to(device).float() / 127.5 - 1).cpu()
+                   for i in range(0, len(images), batch_size)])  # (N, C_z, h, w)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, z.numpy())
+    os.replace(tmp, path)
+    for old in Path(path).parent.glob("latents-*.npy"):  # an older cache: another autoencoder's, or other images'
+        if old.name != os.path.basename(path) and ".tmp" not in old.name:
+            old.unlink()
+    print(f"latents: {path} ({tuple(z.shape)}, encoded once; later runs and stages read it)")
+
+
+def autoencoder_stage(cfg, ae_config, dataset, fixed_flags, log, rank=0, world=1, stop=()):
+    """train.py --latent's first stage: out/autoencoder.pt, reused if it is there and fits this run (its config
+    and the flags `fixed_flags` as asked), else trained (resumed from out/autoencoder.last.pt, like any stage).
+    Returns (the autoencoder in eval mode, None), or (None, the signal that stopped it)."""
+    path, last_path = (os.path.join(cfg.out, f"autoencoder{end}.pt") for end in ("", ".last"))
+    header = dict(autoencoder_config=asdict(ae_config), train_config=asdict(cfg))
+    resumed = None
+    for found in (p for p in (path, last_path) if os.path.exists(p)):
+        resumed = open_checkpoint(found)
+        check_autoencoder(resumed, found, header, fixed_flags)
+        if found == path:
+            if rank == 0:
+                print(f"autoencoder: using {path} (delete it to train it again)")
+            return load_autoencoder(path, cfg.device)[0], None
+    torch.manual_seed(cfg.seed + AUTOENCODER_KEY)  # the same initial weights in every process
+    ae = to_device(Autoencoder(ae_config), cfg.device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
+    cool = max(1, round(0.3 * cfg.ae_steps))  # warm up for 50 steps, decay to 0 over the last 30 %, as a stage
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50, (cfg.ae_steps - s) / cool))
+    start = 0
+    if resumed:  # an interrupted autoencoder stage: carry on exactly where it stopped
+        for obj, key in ((ae, "autoencoder"), (opt, "optimizer"), (sched, "scheduler")):
+            obj.load_state_dict(resumed[key])
+        if len(resumed["rng"]) == world:
+            set_rng_states(resumed["rng"][rank])
+        start = resumed["step"]
+    if rank == 0:
+        print(f"autoencoder: f = {ae_config.f}, {ae_config.latent_channels} x {ae_config.image_size // ae_config.f}"
+              f"^2 latents, {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M params, {cfg.ae_steps} steps of "
+              f"{cfg.ae_batch_size}, {ae_config.edge_loss} edge loss, from "
+              f"{f'{last_path} at step {start}' if start else 'scratch'}")
+    held, train = held_out_split(len(dataset), cfg.seed)
+    signum = train_autoencoder(cfg, ae, opt, sched, start, dataset, train, last_path, header, log, rank, world, stop)
+    if signum:
+        return None, signum
+    if rank == 0:
+        finish_autoencoder(cfg, ae, dataset, held, train, last_path, path, log)
+    if world > 1:
+        dist.barrier()  # every process reads the one autoencoder.pt
+    return load_autoencoder(path, cfg.device)[0], None
+
+
+def check_autoencoder(ckpt, path, header, fixed_flags):
+    """Refuse, in one line naming what differs, an autoencoder file that does not fit this run."""
+    fix = f"use the flags it was trained with, another --out, or delete {path}"
+    if "autoencoder_config" not in ckpt or "train_config" not in ckpt:
+        raise CheckpointError(f"{path} is not an autoencoder of train.py --latent; {fix}")
+    for k, v in header["autoencoder_config"].items():
+        if ckpt["autoencoder_config"].get(k) != v:
+            raise CheckpointError(f"{path} has autoencoder_config {k}={ckpt['autoencoder_config'].get(k)}, this run "
+                                  f"{k}={v} (it does not fit these images); {fix}")
+    for k in fixed_flags:
+        if ckpt["train_config"].get(k) != header["train_config"][k]:
+            flag = "--" + k.replace("_", "-")
+            raise CheckpointError(f"{path} was trained with {flag} {ckpt['train_config'].get(k)}, this run has "
+                                  f"{flag} {header['train_config'][k]}; {fix}")
+
+
+def held_out_split(n, seed, share=0.05, most=256):
+    """(held-out, training) image indices of the autoencoder: 5 % of the images (at most 256, at least 1) that
+    it never trains on, for an honest PSNR. The diffusion stages train on every image."""
+    order = torch.randperm(n, generator=seeded_generator(seed, AUTOENCODER_KEY, 2))
+    k = max(1, min(most, round(share * n)))
+    return order[:k], order[k:]
+
+
+def train_autoencoder(cfg, ae, opt, sched, start, dataset, train, last_path, header, log, rank, world, stop):
+    """The autoencoder's loop, as train_stage's: seeded batches and draws (so it resumes exactly), DDP, Ctrl-C.
+    Returns the signal that stopped it, or None when its last step is done."""
+    B, device = cfg.ae_batch_size, cfg.device
+    net, _ = wrap_model(ae, replace(cfg, compile=False), world)
+    mine = slice(rank * B // world, (rank + 1) * B // world)
+    batches = stage_batches(len(train), B, cfg.seed, AUTOENCODER_KEY, start + 1, cfg.ae_steps, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=(train[b].tolist() for b in batches))
+    size, f = ae.cfg.image_size, ae.cfg.f
+    crop = cfg.ae_crop if 0 < cfg.ae_crop < size else size  # the side of what each step trains on
+    z_shape = (ae.cfg.latent_channels, crop // f, crop // f)
+    ae.train()
+    t0 = time.time()
+    pbar = tqdm(loader, desc="autoencoder", initial=start, total=cfg.ae_steps, dynamic_ncols=True, disable=rank > 0)
+    for step, (x, _) in enumerate(pbar, start=start + 1):
+        gen = seeded_generator(cfg.seed, AUTOENCODER_KEY, 1, step, device=device)
+        flip = (torch.rand(B, generator=gen, device=device) < 0.5)[mine]
+        noise = torch.randn((B, *z_shape), generator=gen, device=device)[mine]  # for z = mean + std * noise
+        corner = (torch.randint(0, (size - crop) // f + 1, (B, 2), generator=gen, device=device) * f)[mine].tolist()
+        x = torch.where(flip.view(-1, 1, 1, 1), x.to(device).flip(-1), x.to(device))  # a random mirror image
+        # a random crop of each (on the latent grid): the network is convolutional, so it learns from crops at
+        # a fraction of the cost (a quarter at 32 of 64) what it then does on whole images
+        x = torch.stack([im[:, i:i + crop, j:j + crop] for im, (i, j) in zip(x, corner)])  # (b, 3, crop, crop)
+        loss, parts = autoencoder_loss(net, x, noise, ae.cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        mean_loss, stopping = mean_over_processes(loss, stop, world, device)
+        if not math.isfinite(mean_loss):
+            raise SystemExit(f"error: loss is {mean_loss} at step {step} of the autoencoder; try a lower --ae-lr"
+                             if rank == 0 else 1)
+        pbar.set_postfix(loss=f"{mean_loss:.4f}", l1=f"{parts['l1']:.4f}")
+        if step % 50 == 0 or step == cfg.ae_steps:
+            log.write(f"autoencoder step {step}/{cfg.ae_steps} loss {mean_loss:.4f} l1 {parts['l1']:.4f} "
+                      f"edge {parts['edge']:.4f} kl {parts['kl']:.4f} img/s {(step - start) * B / (time.time() - t0):.1f}\n")
+            log.flush()
+        if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == cfg.ae_steps:
+            save_resumable(last_path, rank, world, **header, autoencoder=ae.state_dict(), optimizer=opt.state_dict(),
+                           scheduler=sched.state_dict(), step=step)
+        if stopping:
+            if rank == 0:
+                print(f"\nstopped at step {step}/{cfg.ae_steps} of the autoencoder: saved {last_path}; "
+                      "run the same command again to resume", file=sys.stderr)
+            return stop[0] if stop else signal.SIGINT
+    if rank == 0:
+        log.write(f"autoencoder: {time.time() - t0:.0f} s training ({(cfg.ae_steps - start) * B / max(time.time() - t0, 1e-6):.1f} img/s)\n")
+    return None
+
+
+@torch.no_grad()
+def finish_autoencoder(cfg, ae, dataset, held, train, last_path, path, log):
+    """Set the latents' scale (LDM's scale_by_std), measure PSNR on the held-out images, draw originals over
+    reconstructions (out/autoencoder.png), then make out/autoencoder.pt the stage's result."""
+    ae.eval()
+    device = cfg.device
+    means, stds = [], []
+    for i in train[:4096].split(64):  # the std of the training latents, over at most 4096 images
+        mean, logvar = ae.encode(torch.stack([dataset[j][0] for j in i.tolist()]).to(device))
+        means.append(mean.cpu())
+        stds.append((0.5 * logvar).exp().mean().cpu())
+    ae.scale.fill_(1 / torch.cat(means).std().item())
+    x = torch.stack([dataset[j][0] for j in held.tolist()]).to(device)  # (n_held, 3, H, W)
+    x_rec = torch.cat([ae.decode(ae.encode(b)[0]) for b in x.split(64)])
+    mse = ((to_uint8(x_rec).float() - to_uint8(x).float()) ** 2).mean(dim=(1, 2, 3))  # as the PNGs would be
+    psnr = (10 * torch.log10(255 ** 2 / mse.clamp(min=1e-10))).mean().item()
+    cols = min(8, len(held))
+    save_grid(torch.cat([x[:cols], x_rec[:cols]]), os.path.join(cfg.out, "autoencoder.png"), cols,
+              labels=["original", "decoded"])
+    state = open_checkpoint(last_path)
+    save_checkpoint(last_path, **{**state, "autoencoder": ae.state_dict(), "psnr": psnr, "held_out": len(held),
+                                  "scale": ae.scale.item(), "posterior_std": torch.stack(stds).mean().item()})
+    os.replace(last_path, path)
+    msg = (f"autoencoder done: held-out PSNR {psnr:.2f} dB ({len(held)} images), latent scale {ae.scale.item():.3f} "
+           f"(posterior std {torch.stack(stds).mean().item():.4f} of a latent std {1 / ae.scale.item():.3f}) -> {path}, "
+           f"{os.path.join(cfg.out, 'autoencoder.png')}")
+    print(msg)
+    log.write(msg + "\n")
+
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8, exactly as saving them as PNG would."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints that cannot be read or written: one line that names the file and what is wrong
 
 
@@ -608,6 +881,21 @@ CHECKPOINT_KEYS = ("ema", "unet_config", "vocab_sizes", "lineages")  # what rebu
 def read_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True) of a checkpoint train.py wrote, or one line saying which way the file is bad:
     missing, not a checkpoint, truncated or damaged, holding Python objects, or from another version."""
+    ckpt = open_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or not any(k in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not a checkpoint of train.py: it holds no {', '.join(CHECKPOINT_KEYS)}")
+    configs = {"unet_config": UNetConfig, "diffusion_config": DiffusionConfig}
+    differences = [f"no {k}" for k in CHECKPOINT_KEYS if k not in ckpt] + [
+        f"{what} {k}, unknown here" for what, cls in configs.items()
+        for k in ckpt.get(what, {}) if k not in {f.name for f in fields(cls)}]
+    if differences:
+        raise CheckpointError(f"{path} was written by another version of train.py ({', '.join(differences)}): "
+                              "train it again, or use the version that wrote it")
+    return ckpt
+
+
+def open_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) of any file torch.save wrote, or one line saying which way the file is bad."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} not found: train one first with `python train.py`")
     try:
@@ -632,15 +920,6 @@ def read_checkpoint(path, device="cpu"):
                                   "(tensors, numbers, strings, lists, dicts): no code from a file is run") from None
         why = "its pickled data is garbled" if isinstance(e, pickle.UnpicklingError) else str(e).split(". ")[0]
         raise CheckpointError(f"{path} is damaged ({why}): copy it again, or delete it and train it again") from None
-    if not isinstance(ckpt, dict) or not any(k in ckpt for k in CHECKPOINT_KEYS):
-        raise CheckpointError(f"{path} is not a checkpoint of train.py: it holds no {', '.join(CHECKPOINT_KEYS)}")
-    configs = {"unet_config": UNetConfig, "diffusion_config": DiffusionConfig}
-    differences = [f"no {k}" for k in CHECKPOINT_KEYS if k not in ckpt] + [
-        f"{what} {k}, unknown here" for what, cls in configs.items()
-        for k in ckpt.get(what, {}) if k not in {f.name for f in fields(cls)}]
-    if differences:
-        raise CheckpointError(f"{path} was written by another version of train.py ({', '.join(differences)}): "
-                              "train it again, or use the version that wrote it")
     return ckpt
 
 
@@ -805,6 +1084,13 @@ def device_name(text):
         raise argparse.ArgumentTypeError(f"must be cpu{f' or cuda:0 to cuda:{n - 1}' if n else ': no GPU is visible'} "
                                          f"(got '{text}')")
     return text
+
+
+def downsampling_factor(text):
+    """2, 4 or 8: how much the autoencoder shrinks an image's side (unet.AutoencoderConfig.f)."""
+    if text not in ("2", "4", "8"):
+        raise argparse.ArgumentTypeError(f"must be 2, 4 or 8 (got '{text}')")
+    return int(text)
 
 
 def size_multiple(size):

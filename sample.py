@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from model import (CheckpointError, Diffusion, DiffusionConfig, cut_lineage, deepest_rank, finest_checkpoint,
-                   load_checkpoint, sample_rows, save_grid)
+from model import (CheckpointError, Diffusion, DiffusionConfig, autoencoder_of, cut_lineage, deepest_rank,
+                   finest_checkpoint, load_checkpoint, sample_rows, save_grid)
 from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
 from taxonomy import RANKS, LineageError, Taxonomy
 
@@ -29,6 +29,7 @@ def main(args):
         taxonomy.print_tree()
         return
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
+    autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
     level = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..level
     root_level = RANKS.index(ckpt["stages"][0])
     ids = torch.tensor(taxonomy.parse(args.lineage), device=args.device)  # (R,)
@@ -45,7 +46,7 @@ def main(args):
     levels = range(min(root_level, deepest), deepest + 1) if args.refine else [deepest]
     rows = torch.cat([cut_lineage(ids[None], lv) for lv in levels])  # (rows, R)
     images = sample_rows(diffusion, model, rows, x_T, args.guidance, args.guide_from, root_level, steps=args.steps,
-                         sampler=args.sampler, seed=args.seed + 1)
+                         sampler=args.sampler, seed=args.seed + 1, autoencoder=autoencoder)
     labels = [taxonomy.vocab[lv][ids[lv].item()] for lv in levels]
     out = args.out or os.path.join("out", "refine.png" if args.refine else "samples.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -6,6 +6,7 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
     python train.py --data train.json --image-size 64   # your own data (docs/data.md)
     torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
     python train.py --level species --schedule flat --out out/flat   # an ablation: species ids only, one stage
+    python train.py --latent --image-size 64 --level species --out out/latent64   # on an autoencoder's latents
 
 The method in three lines of the loop (train_stage): stage `order` sees each
 lineage cut below order (kingdom, phylum, class, order); condition dropout
@@ -20,6 +21,11 @@ rank, drawn with the EMA weights and a fixed seed. While a stage trains,
 out/<level>.last.pt holds all it needs to carry on, rewritten every
 --save-every steps and on Ctrl-C or SIGTERM; the same command resumes from it
 and ends with the same weights, bit for bit on a CPU (docs/training.md).
+
+With --latent the stages learn the latents of an autoencoder (unet.py), trained
+first as a stage of its own (model.py's autoencoder_stage: out/autoencoder.pt,
+and out/autoencoder.png, held-out originals over their reconstructions); the
+images are encoded once, and the loop below is the same: a latent is the x0.
 
 Read next: sample.py.
 """
@@ -41,10 +47,11 @@ from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, b
                    to_device, update_ema)
 from model import (catch_stop_signals, mean_over_processes, save_resumable, set_rng_states, stage_batches,
                    start_processes, step_randomness, wrap_model)
-from model import (config_parser, device_name, finite_float, fraction, input_path, nonneg_int, output_path,
-                   per_species, positive_float, positive_int, positive_int_list, size_multiple)
+from model import autoencoder_record, autoencoder_stage, encode_dataset
+from model import (config_parser, device_name, downsampling_factor, finite_float, fraction, input_path, nonneg_int,
+                   output_path, per_species, positive_float, positive_int, positive_int_list, size_multiple)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
-from unet import SIZES, UNetConfig
+from unet import SIZES, AutoencoderConfig, UNetConfig
 
 @dataclass
 class TrainConfig:
@@ -68,6 +75,15 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
     size: str = "small"  # named UNet size, see unet.SIZES
+    # pixels or latents (README, "Pixel or latent")
+    latent: bool = False  # train on the latents of an autoencoder, trained first as a stage of its own (out/autoencoder.pt)
+    latent_f: int = 4  # the autoencoder's downsampling factor, 2, 4 or 8: latents of image_size / f
+    latent_channels: int = 4  # channels of a latent
+    ae_steps: int = 1500  # optimizer steps of the autoencoder stage
+    ae_batch_size: int = 16  # images per autoencoder step, over all processes
+    ae_crop: int = 32  # the autoencoder trains on random crops of this side (a multiple of --latent-f; 0: whole images)
+    ae_lr: float = 3e-4  # the autoencoder's AdamW learning rate
+    ae_edge_loss: str = "gradient"  # what keeps its edges sharp beside L1: gradient, ssim, fft or none (unet.autoencoder_loss)
     # the data
     data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)
     image_size: int = 32  # images are resized to image_size x image_size
@@ -101,6 +117,11 @@ class TrainConfig:
 FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
                   "guidance", "guide_from", "grid_cols", "grid_steps")
 SCHEDULES = ("progressive", "all", "random", "flat")
+LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
+                "ae_edge_loss")
+# What the autoencoder stage computes from: its own flags and the images. A different value refuses out/autoencoder.pt.
+AUTOENCODER_FLAGS = LATENT_FLAGS[1:] + ("grad_clip", "data", "image_size", "per_species", "format", "top_rank",
+                                        "columns", "image_root", "boxes", "seed")
 
 
 def stage_plan(taxonomy, first_level, level):
@@ -200,13 +221,14 @@ class Stage:
     header: dict  # what every checkpoint of this run records: configs, taxonomy (see run_header)
     path: str  # out/<level>.pt, written when the stage is done
     last_path: str  # out/<level>.last.pt, all it needs to carry on
+    autoencoder: object  # --latent: the Autoencoder whose latents it learns (its grid is decoded); None in pixels
 
 
-def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, world=1):
+def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, world=1, autoencoder=None):
     """The model of the stage that conditions on ranks 0..level, and where it starts from: a half-trained
     run of this stage (out/<level>.last.pt), else the previous stage's weights, else scratch."""
     path, last_path = (os.path.join(cfg.out, f"{RANKS[level]}{end}.pt") for end in ("", ".last"))
-    header = run_header(cfg, taxonomy, plan)
+    header = run_header(cfg, taxonomy, plan, autoencoder)
     torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
     model = to_device(TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]), cfg.device)
     # The first stage's ranks start random; every finer rank's table starts at zero, and stays so (it is
@@ -221,7 +243,7 @@ def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, worl
                             lr=cfg.lr, weight_decay=0.0, fused=True)  # fused: one kernel for every tensor's update
     resumed = read_checkpoint(last_path) if os.path.exists(last_path) else None
     if resumed:
-        check_checkpoint(resumed, last_path, header, FREE_ON_RESUME, resuming=True)
+        check_checkpoint(resumed, last_path, header, free_flags(cfg), resuming=True)
         cool = resumed.get("cooldown_steps", cool)  # a stage keeps the cool-down it started with, whatever --level says now
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.warmup, cool))
     # Each process its own seed for anything that draws from the global generator (dropout, if a UNet has it).
@@ -236,7 +258,7 @@ def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, worl
         start, source = resumed["step"], f"{last_path} at step {resumed['step']}"
     elif prev_path:  # the stage before: its rank tables reordered by taxon name into this run's ids
         prev = read_checkpoint(prev_path)
-        check_checkpoint(prev, prev_path, header, FREE_ON_RESUME, resuming=False)
+        check_checkpoint(prev, prev_path, header, free_flags(cfg), resuming=False)
         model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
         ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
         if cfg.new_rank_init == "random":  # the ablation: new taxa start apart, like a table trained from scratch
@@ -251,7 +273,7 @@ def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, worl
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {RANKS[level]}: ranks {'/'.join(RANKS[:level + 1])}, {n_params / 1e6:.2f} M params, "
               f"{steps} steps of {cfg.batch_size}{f' on {world} processes' if world > 1 else ''}, from {source}")
-    return Stage(level, steps, cool, model, ema, opt, sched, start, header, path, last_path)
+    return Stage(level, steps, cool, model, ema, opt, sched, start, header, path, last_path, autoencoder)
 
 
 def lr_factor(s, steps, warmup, cooldown):
@@ -295,17 +317,23 @@ def main(cfg):
                   + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
                                 for r, n, c in to_train))
         stop = catch_stop_signals()
-        prev_path = None
+        prev_path, autoencoder = None, None
         with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
+            if cfg.latent:  # the autoencoder first, a stage of its own; the rank stages then learn its latents
+                autoencoder, signum = autoencoder_stage(cfg, autoencoder_config(cfg), dataset, AUTOENCODER_FLAGS, log,
+                                                        rank, world, stop)
+                if signum:
+                    raise SystemExit(128 + signum)
+                dataset.images = encode_dataset(autoencoder, dataset.images, cfg.out, cfg.device, rank=rank, world=world)
             for level, steps, cool in to_train:
                 path = os.path.join(cfg.out, f"{RANKS[level]}.pt")
                 if os.path.exists(path):  # a finished stage is reused only if it was trained as this run asks
-                    check_checkpoint(read_checkpoint(path), path, run_header(cfg, taxonomy, plan), FREE_ON_RESUME,
-                                     resuming=False)
+                    check_checkpoint(read_checkpoint(path), path, run_header(cfg, taxonomy, plan, autoencoder),
+                                     free_flags(cfg), resuming=False)
                     if rank == 0:
                         print(f"stage {RANKS[level]}: using {path} (delete it to train this stage again)")
                 else:
-                    stage = build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank, world)
+                    stage = build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank, world, autoencoder)
                     if signum := train_stage(cfg, stage, plan, dataset, taxonomy, log, rank, world, stop):
                         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
                 prev_path = path
@@ -371,17 +399,33 @@ def check_run(cfg, world):
 
 
 def network_configs(cfg):
-    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags)."""
-    return (UNetConfig(in_channels=3, image_size=cfg.image_size, attention_impl=cfg.attention, **SIZES[cfg.size]),
+    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags).
+    On latents the UNet sees (latent_channels, image_size / f, image_size / f) instead of (3, image_size, image_size)."""
+    channels, size = (cfg.latent_channels, cfg.image_size // cfg.latent_f) if cfg.latent else (3, cfg.image_size)
+    return (UNetConfig(in_channels=channels, image_size=size, attention_impl=cfg.attention, **SIZES[cfg.size]),
             DiffusionConfig())
 
 
-def run_header(cfg, taxonomy, plan):
-    """What every checkpoint of this run records, as plain data: the configs, the stages, the taxonomy."""
+def autoencoder_config(cfg):
+    """The autoencoder of a --latent run (unet.Autoencoder); its file stores it as a dict."""
+    return AutoencoderConfig(in_channels=3, image_size=cfg.image_size, f=cfg.latent_f,
+                             latent_channels=cfg.latent_channels, edge_loss=cfg.ae_edge_loss)
+
+
+def run_header(cfg, taxonomy, plan, autoencoder=None):
+    """What every checkpoint of this run records, as plain data: the configs, the stages, the taxonomy, and on
+    latents the autoencoder they belong to (its file, config and weights' hash: sample.py finds and checks it)."""
     unet_config, diffusion_config = network_configs(cfg)
+    ae = autoencoder and autoencoder_record(autoencoder, os.path.join(cfg.out, "autoencoder.pt"))
     return dict(ranks=list(RANKS), stages=[RANKS[r] for r in plan], unet_config=asdict(unet_config),
-                diffusion_config=asdict(diffusion_config), train_config=asdict(cfg),
+                diffusion_config=asdict(diffusion_config), train_config=asdict(cfg), autoencoder=ae,
                 vocab_sizes=[len(v) for v in taxonomy.vocab], vocab=taxonomy.vocab, lineages=taxonomy.lineages())
+
+
+def free_flags(cfg):
+    """The flags a stage may change when it resumes or is reused: FREE_ON_RESUME, and in pixels the
+    autoencoder's flags, which then change nothing (a pixel checkpoint from before --latent existed is reused)."""
+    return FREE_ON_RESUME + (() if cfg.latent else LATENT_FLAGS)
 
 
 def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
@@ -390,11 +434,13 @@ def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, w
         t1, name = time.time(), RANKS[stage.level]
         # one row per taxon of this rank, EMA weights, the same noise in every row (so columns compare)
         taxa = range(1, len(taxonomy.vocab[stage.level]))
-        x_T = torch.randn((cfg.grid_cols, stage.model.unet.cfg.in_channels, cfg.image_size, cfg.image_size),
-                          generator=torch.Generator(cfg.device).manual_seed(cfg.seed), device=cfg.device)
+        C, size = stage.model.unet.cfg.in_channels, stage.model.unet.cfg.image_size  # pixels, or latents
+        x_T = torch.randn((cfg.grid_cols, C, size, size), generator=torch.Generator(cfg.device).manual_seed(cfg.seed),
+                          device=cfg.device)
         rows = torch.tensor([taxonomy.ancestors(stage.level, i) for i in taxa], device=cfg.device)  # (taxa, R)
         images = sample_rows(diffusion, stage.ema.eval(), rows, x_T, cfg.guidance, cfg.guide_from, plan[0],
-                             steps=cfg.grid_steps, rows_per_call=max(1, 64 // cfg.grid_cols))
+                             steps=cfg.grid_steps, rows_per_call=max(1, 64 // cfg.grid_cols),
+                             autoencoder=stage.autoencoder)  # decoded on latents
         save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
                   labels=[taxonomy.vocab[stage.level][i] for i in taxa])
         os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read
@@ -418,7 +464,9 @@ def build_parser():
         "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
         "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
         "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
-        "attention": ("auto", "triton", "sdpa", "torch"),
+        "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,
+        "ae_edge_loss": ("gradient", "ssim", "fft", "none"), "latent_channels": positive_int, "ae_steps": positive_int,
+        "ae_batch_size": positive_int, "ae_crop": nonneg_int, "ae_lr": positive_float,
         "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list, "steps": nonneg_int,
         "batch_size": positive_int, "lr": positive_float, "embed_lr_mult": positive_float, "warmup": positive_int,
         "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
@@ -431,7 +479,13 @@ def parse_args(argv=None):
     """The TrainConfig of a command line; values that only fail together end here too, in argparse's one line."""
     parser = build_parser()
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    if cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
+    if cfg.latent:  # the UNet halves the latent, which is the image divided by f
+        if cfg.image_size % (cfg.latent_f * size_multiple(cfg.size)):
+            parser.error(f"argument --image-size: must be a multiple of {cfg.latent_f * size_multiple(cfg.size)} for "
+                         f"--latent-f {cfg.latent_f} and --size {cfg.size} (got {cfg.image_size})")
+        if cfg.ae_crop % cfg.latent_f:  # a crop is a whole number of latent positions
+            parser.error(f"argument --ae-crop: must be a multiple of --latent-f {cfg.latent_f} (got {cfg.ae_crop})")
+    elif cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
         parser.error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
                      f"(got {cfg.image_size})")
     if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):

@@ -8,9 +8,10 @@ prediction: v by default, which model.py's Diffusion.eps turns into the noise ep
 It works on any (C, H, W): pixels (3, 32, 32) by default, or latents.
 Every block is: ResBlock (with the timestep and the pooled context) ->
 self-attention (at low resolutions) -> cross-attention to the context tokens. All attention math goes
-through one function, `attention(q, k, v)`.
+through one function, `attention(q, k, v)`. After the UNet, under its own banner, the autoencoder of
+latent diffusion (train.py --latent), built from the same ResBlocks: images <-> latents.
 
-    python unet.py          # prints the parameter count of each named size
+    python unet.py          # prints the parameter count of each named size, and of the autoencoder
 
 Read next: model.py (the diffusion process and the rank-token conditioner).
 """
@@ -106,21 +107,23 @@ def zero_module(module):
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convolutions with the timestep embedding added in between, plus a skip."""
+    """Two 3x3 convolutions with the timestep embedding added in between, plus a skip.
+    With temb_dim=0 there is no embedding (the autoencoder at the end of this file)."""
 
     def __init__(self, c_in, c_out, temb_dim, groups, dropout):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.temb = nn.Linear(temb_dim, c_out)
+        self.temb = nn.Linear(temb_dim, c_out) if temb_dim else None
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x, temb):
+    def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+        if self.temb is not None:
+            h = h + self.temb(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -248,6 +251,148 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# =============================================================================
+# The autoencoder of latent diffusion (train.py --latent)
+#
+# LDM's KL autoencoder (Rombach et al. 2022, sec. 3.1), small and trained from scratch, as no
+# pretrained one can be downloaded here. The encoder maps an image (3, H, W) to a diagonal Gaussian
+# over latents (C_z, H/f, W/f); the decoder maps a latent back to pixels. The diffusion model then
+# works on the latents, which at f = 4 are 16x16x4 for a 64x64 image: 16 times fewer positions.
+#
+# Mirror images. train.py flips a random half of each batch; on latents it flips the latent. That is
+# right only if the latent of a mirrored image is the mirrored latent, which a convolution does not
+# give by itself (its kernels are not symmetric). So the encoder is made mirror-equivariant by
+# construction: E(x) = (e(x) + flip(e(flip(x)))) / 2 gives E(flip(x)) = flip(E(x)) exactly.
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3  # image channels
+    image_size: int = 64  # H = W of the images
+    f: int = 4  # downsampling factor: latents are (latent_channels, H / f, W / f); 2, 4 or 8
+    latent_channels: int = 4  # C_z, channels of the latent
+    base_channels: int = 16  # channels at full resolution
+    channel_mults: tuple = (1, 2, 4, 4)  # channels per level = base * mult; the first log2(f) + 1 are used
+    num_res_blocks: int = 1  # ResBlocks per level
+    groups: int = 8  # GroupNorm groups
+    kl_weight: float = 1e-6  # weight of the KL term (LDM's), per image summed over the latent as in LDM
+    edge_loss: str = "gradient"  # what keeps edges sharp beside L1: gradient, ssim, fft or none (autoencoder_loss)
+    edge_weight: float = 1.0  # weight of that term
+
+
+class Autoencoder(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] <-> latents (B, C_z, H/f, W/f), from the UNet's ResBlocks (no timestep)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        if cfg.f not in (2, 4, 8):
+            raise ValueError(f"autoencoder f must be 2, 4 or 8 (got {cfg.f})")
+        self.cfg = cfg
+        levels = int(math.log2(cfg.f)) + 1  # f = 4: three resolutions, H, H/2, H/4
+        chans = [cfg.base_channels * m for m in cfg.channel_mults[:levels]]
+        g, n = cfg.groups, cfg.num_res_blocks
+
+        enc, c = [nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)], chans[0]
+        for level, ch in enumerate(chans):
+            for _ in range(n):
+                enc.append(ResBlock(c, ch, 0, g, 0.0))
+                c = ch
+            if level < levels - 1:
+                enc.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halve H and W
+        enc += [ResBlock(c, c, 0, g, 0.0), nn.GroupNorm(g, c), nn.SiLU(),
+                nn.Conv2d(c, 2 * cfg.latent_channels, 3, padding=1)]  # mean and log-variance
+        # The log-variance starts at -8 (std 0.02), not 0: the KL weight of 1e-6 hardly asks for noise, and a
+        # posterior std of 1 at the start would bury the decoder's input in it for the first many steps.
+        nn.init.constant_(enc[-1].bias[cfg.latent_channels:], -8.0)
+        self.encoder = nn.Sequential(*enc)
+
+        dec = [nn.Conv2d(cfg.latent_channels, c, 3, padding=1), ResBlock(c, c, 0, g, 0.0)]
+        for level, ch in reversed(list(enumerate(chans))):
+            for _ in range(n + 1):  # one more on the way up, as in the UNet: decoding is the harder half
+                dec.append(ResBlock(c, ch, 0, g, 0.0))
+                c = ch
+            if level > 0:  # double H and W; the conv narrows straight to the finer level's channels
+                dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, chans[level - 1], 3, padding=1)]
+                c = chans[level - 1]
+        dec += [nn.GroupNorm(g, c), nn.SiLU(), nn.Conv2d(c, cfg.in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+        # LDM's scale_by_std: latents are multiplied by 1 / (their std over the training set), so the diffusion
+        # sees unit variance as it does on pixels. Set once after training (model.py); a buffer, so it is saved.
+        self.register_buffer("scale", torch.ones(()))
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> the posterior's (mean, logvar), each (B, C_z, H/f, W/f); mirror-equivariant."""
+        both = self.encoder(torch.cat([x, x.flip(-1)]))  # (2B, 2 C_z, h, w): e(x), then e(flip(x))
+        e, e_mirror = both.chunk(2)
+        moments = (e + e_mirror.flip(-1)) / 2  # E(x) = (e(x) + flip(e(flip(x)))) / 2
+        mean, logvar = moments.chunk(2, dim=1)  # 2 x (B, C_z, h, w)
+        return mean, logvar.clamp(-30, 20)  # as LDM: exp(logvar) stays finite
+
+    def decode(self, z):
+        """z (B, C_z, H/f, W/f) -> images (B, 3, H, W)."""
+        return self.decoder(z)
+
+    def forward(self, x, noise):
+        """The training pass: x -> q(z|x) -> z = mean + std * noise (reparameterised) -> x_rec.
+        noise ~ N(0, I) is (B, C_z, H/f, W/f). Returns (x_rec, mean, logvar)."""
+        mean, logvar = self.encode(x)
+        return self.decode(mean + (0.5 * logvar).exp() * noise), mean, logvar
+
+    def to_latent(self, x):
+        """What the diffusion model learns: the posterior mean, scaled to unit variance (LDM samples z;
+        at kl_weight 1e-6 the posterior's std is tiny beside the mean's spread: model.py logs both)."""
+        return self.encode(x)[0] * self.scale
+
+    def to_pixels(self, z):
+        """A (generated) scaled latent -> images in about [-1, 1]."""
+        return self.decode(z / self.scale)
+
+
+def autoencoder_loss(net, x, noise, cfg):
+    """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) + edge_weight * an edge term; returns (loss, parts).
+
+    net: the Autoencoder (or DDP around it), cfg its AutoencoderConfig; noise as in Autoencoder.forward.
+    As in LDM the KL is summed over each image's latent and the reconstruction over its pixels; both are
+    divided by the pixel count here, so the L1 term reads as a mean. The edge term keeps what L1 blurs:
+    "gradient" compares the images' finite differences (their edges), "ssim" is 1 - SSIM (structure),
+    "fft" compares their 2D spectra (fine detail is the high frequencies).
+    """
+    x_rec, mean, logvar = net(x, noise)
+    pixels = x[0].numel()  # C * H * W
+    l1 = (x - x_rec).abs().mean()
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean() / pixels
+    kind = cfg.edge_loss
+    if kind == "gradient":  # |d/dx x - d/dx x_rec| + |d/dy x - d/dy x_rec|
+        d = x - x_rec
+        edge = (d[..., :, 1:] - d[..., :, :-1]).abs().mean() + (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
+    elif kind == "ssim":
+        edge = 1 - ssim(x, x_rec)
+    elif kind == "fft":  # mean |F(x) - F(x_rec)|, orthonormal: every frequency counts alike
+        edge = torch.fft.fft2(x - x_rec, norm="ortho").abs().mean()
+    elif kind == "none":
+        edge = torch.zeros((), device=x.device)
+    else:
+        raise ValueError(f"unknown edge loss '{kind}' (use gradient, ssim, fft or none)")
+    loss = l1 + cfg.kl_weight * kl + cfg.edge_weight * edge
+    return loss, dict(l1=l1.detach(), kl=kl.detach(), edge=edge.detach())
+
+
+def ssim(x, y, window=11, sigma=1.5, data_range=2.0):
+    """Mean SSIM (Wang et al. 2004) of two image batches in [-1, 1], Gaussian window, per channel."""
+    C, window = x.shape[1], min(window, *x.shape[-2:])  # a crop smaller than the window: the crop
+    g = torch.exp(-(torch.arange(window, device=x.device) - window // 2) ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())[:, None] * (g / g.sum())[None, :]  # (window, window), sums to 1
+    k = g.expand(C, 1, window, window).to(x.dtype)  # one window per channel (groups=C)
+
+    def blur(a):
+        return F.conv2d(a, k, groups=C)  # (B, C, H - window + 1, W - window + 1)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean()
 
 
 # =============================================================================
@@ -553,3 +698,6 @@ if __name__ == "__main__":
     for name, overrides in SIZES.items():
         net = UNet(UNetConfig(**overrides))
         print(f"{name:6s} {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters")
+    for f in (2, 4, 8):
+        ae = Autoencoder(AutoencoderConfig(f=f))
+        print(f"autoencoder f={f}: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M parameters")

@@ -19,8 +19,8 @@ import fid
 import model
 import sample
 import train
-from model import (device_name, finite_float, fraction, input_path, nonneg_int, output_path, per_species,
-                   positive_float, positive_int, positive_int_list)
+from model import (device_name, downsampling_factor, finite_float, fraction, input_path, nonneg_int, output_path,
+                   per_species, positive_float, positive_int, positive_int_list)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,8 @@ def bench(name):
 
 
 SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid,
-           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "loader", "paper_claims", "samplers", "speed")}}
+           **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "autoencoder", "loader", "paper_claims", "samplers",
+                                                         "speed")}}
 MISSING = "/nonexistent/taxa-fuzz/file.pt"
 UNWRITABLE = "/dev/null/out"  # below a file: no folder can be made there
 HUGE = "1" + "0" * 30
@@ -49,13 +50,14 @@ BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the 
     input_path: [MISSING],  # '' is the flag left unset
     output_path: ["", UNWRITABLE],
     device_name: ["", "gpu", "cuda:99", "cpu:x"],
+    downsampling_factor: ["", "0", "3", "16", "4.0", "abc"],
     "choices": ["", "nope"],
 }
 GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; --seed 0)
     positive_int: ["8"], nonneg_int: ["0", "8"], positive_float: ["1e-4"], finite_float: ["-2.5", "0"],
     fraction: ["0", "0.5"], positive_int_list: ["5", "200,200,600"], per_species: ["4", "pairs:64/4", "zipf:64"],
     input_path: ["", ROOT],
-    output_path: ["fresh/sub/folder"], device_name: ["cpu"],
+    output_path: ["fresh/sub/folder"], device_name: ["cpu"], downsampling_factor: ["2", "8"],
 }
 FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child"}  # read at run time (bad --data: test below)
 
@@ -143,6 +145,9 @@ def test_good_values_pass(workdir):
     (["--size", "base", "--image-size", "36"], "argument --image-size: must be a multiple of 8 for --size base"),
     (["--level", "class", "--first-level", "order"], "argument --level: must not be coarser than --first-level"),
     (["--p-uncond", "0.5", "--p-cut", "0.7"], "argument --p-cut: must be at most 0.5 beside --p-uncond 0.5"),
+    (["--latent", "--image-size", "48", "--latent-f", "8"],
+     "argument --image-size: must be a multiple of 32 for --latent-f 8 and --size small (got 48)"),
+    (["--latent", "--ae-crop", "30"], "argument --ae-crop: must be a multiple of --latent-f 4 (got 30)"),
 ])
 def test_flags_that_only_fail_together(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:

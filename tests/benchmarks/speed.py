@@ -43,7 +43,7 @@ machine drift hits them all alike (the load average before and after is printed:
 the machine slows every column alike, not their ratios):
 - train: one step (noising, forward, backward, AdamW) at batch 32 and 64, in images/s;
 - sample: 64 images with 50 DDIM steps, without and with guidance 3 (a batch of 128);
-- peak memory: train b64 and guided sampling (5 DDIM steps: each step frees what the last one made).
+- peak memory: one train step at batch 64, and one guided sampling run, each in a fresh process.
 """
 import argparse
 import importlib.metadata
@@ -67,7 +67,6 @@ from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 
 SIZE, CONTEXT_DIM = 32, 128  # the toy tree's images; our default context width
-MEMORY_SAMPLE_STEPS = 5  # DDIM steps of the memory child's sampling: the peak is reached in the first one
 
 
 def commit():
@@ -252,13 +251,13 @@ def _proc_status_kb(field):
         return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
 
 
-def memory_child(name, what, device, n_sample):
+def memory_child(name, what, device, n_sample, sample_steps):
     """Run one measure's function once; print the peak memory it took, in MB, over what the process held
     after its imports and building the network (so neither a library's import nor the weights count)."""
     ids_all, vocab_sizes = toy_ids()
     diffusion = Diffusion(DiffusionConfig()).to(device)
     model = build(name, vocab_sizes, device)  # imports the network's library
-    fn = jobs_for(model, diffusion, ids_all, device, n_sample, MEMORY_SAMPLE_STEPS)[what][0]
+    fn = jobs_for(model, diffusion, ids_all, device, n_sample, sample_steps)[what][0]  # the timed call itself
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -274,9 +273,9 @@ def memory_child(name, what, device, n_sample):
     print((_proc_status_kb("VmHWM") - base) / 1024)
 
 
-def peak_memory(name, what, device, n_sample):
+def peak_memory(name, what, device, n_sample, sample_steps):
     out = subprocess.run([sys.executable, __file__, "--rss-child", f"{name},{what}", "--device", device,
-                          "--n-sample", str(n_sample)], capture_output=True, text=True)
+                          "--n-sample", str(n_sample), "--sample-steps", str(sample_steps)], capture_output=True, text=True)
     return float(out.stdout.split()[-1]) if out.returncode == 0 else float("nan")
 
 
@@ -323,7 +322,7 @@ def main():
     args = build_parser().parse_args()
     device = args.device
     if args.rss_child:
-        return memory_child(*args.rss_child.split(","), device, args.n_sample)
+        return memory_child(*args.rss_child.split(","), device, args.n_sample, args.sample_steps)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
@@ -358,12 +357,13 @@ def main():
             times[(what, n)].append(timed(fn, device, k) / k)
         print(f"round {r + 1}/{args.repeats} done", flush=True)
     load_after = os.getloadavg()
-    memory = {what: {n: peak_memory(n, what, device, args.n_sample) for n in names} for what in ("train b64", "sample cfg")}
+    memory = {what: {n: peak_memory(n, what, device, args.n_sample, args.sample_steps) for n in names}
+              for what in ("train b64", "sample cfg")}
 
     print("\n" + table(names, jobs, times, gflop, memory, device))
     print(f"(ratios: how many times faster ours is; sampling: {args.n_sample} images, {args.sample_steps} DDIM steps, "
           f"cfg = guidance 3 in one batch; GFLOP/s: the counted work over the measured time; peak memory: over "
-          f"imports and weights, sampling with {MEMORY_SAMPLE_STEPS} steps; "
+          f"imports and weights; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after the timing)")
 
 

@@ -2,16 +2,17 @@
 How fast is our UNet against what a reader would otherwise pick, at the same size (a script, not a test).
 
     python tests/benchmarks/speed.py                  # 2-core CPU, 32x32, fp32: about 25 min
-    python tests/benchmarks/speed.py --repeats 1      # a first look, about 6 min
+    python tests/benchmarks/speed.py --repeats 1      # a first look, about 8 min
     python tests/benchmarks/speed.py --device cuda    # the same on a GPU (fp32 weights, TF32 matmuls)
 
 On a GPU this script turns on TF32 for matmuls and convolutions; train.py does not enable TF32
 for matmuls, so its fp32 steps may be slower than this table's. The table is printed as markdown,
 after a line that names the command and the commit.
 
-The peers, used only if they are installed (this script installs nothing):
+The peers, used only if they are installed (this script installs nothing; they are not
+dependencies of the repository, so give them a venv of their own):
 
-    pip install diffusers denoising-diffusion-pytorch
+    pip install diffusers denoising-diffusion-pytorch==2.3.4
 
 - diffusers' UNet2DConditionModel, the Stable Diffusion UNet, shrunk to our
   parameter count: cross-attention at the two coarser levels, over the same
@@ -20,19 +21,34 @@ The peers, used only if they are installed (this script installs nothing):
   classifier_free_guidance), shrunk likewise; it has no cross-attention: its
   design conditions on one class id (our 48 species) through an embedding.
 
-Every network gets the same diffusion around it (our q_sample, loss and DDIM
-sampler), so the table compares the networks and the training step, not
-three diffusion libraries. Measured, with warm-up, as the median of --repeats
-rounds, each round timing every model in turn so that machine drift hits
-them all alike:
+What makes it a fair comparison:
+- the same diffusion around every network (our q_sample, v-loss and DDIM sampler) and the same
+  training step (fused AdamW), so the table compares the networks, not three diffusion libraries;
+- the same memory format: on a CPU every network's weights go channels-last (model.to_device, what
+  train.py does to ours; it speeds up all three), on a GPU none does;
+- guidance as one batch of 2B with one formula for all three (model.guided_eps_fn): the null half is
+  our null lineage, diffusers' conditioner fed the null lineage, lucidrains' null class embedding
+  (its forward's cond_keep_mask), not its forward_with_cond_scale (two passes and a projected update);
+- the work each network does: GFLOP per image (convolutions, matmuls and attention, counted by
+  torch.utils.flop_counter on one forward, and on one forward + backward for training), and the
+  GFLOP/s each achieves, so "faster" can be told apart from "does less";
+- peak memory over what the process held after its imports and building the network, on the same
+  functions as the timing (a fresh process per network and measure);
+- attention through each network's fastest path: PyTorch's SDPA for ours (UNetConfig(attention_impl=
+  "sdpa"): on a GPU it beats our Triton kernel at these sizes, docs/performance.md) and for diffusers,
+  lucidrains' own einsums (its 2.3.4 Attend takes flash=False by default).
+
+Each figure is the median of --repeats rounds, each round timing every model in turn so that
+machine drift hits them all alike (the load average before and after is printed: other work on
+the machine slows every column alike, not their ratios):
 - train: one step (noising, forward, backward, AdamW) at batch 32 and 64, in images/s;
-- sample: 64 images with 50 DDIM steps, without and with guidance (guidance
-  doubles the batch; lucidrains uses its own forward_with_cond_scale, two passes);
-- peak RSS (on a GPU: peak GPU memory) of a separate process that runs one train
-  step at batch 64 and a short guided sampling.
+- sample: 64 images with 50 DDIM steps, without and with guidance 3 (a batch of 128);
+- peak memory: one train step at batch 64, and one guided sampling run, each in a fresh process.
 """
 import argparse
+import importlib.metadata
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +56,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -70,13 +87,17 @@ def toy_ids():
     return ids, [len(v) for v in taxonomy.vocab]
 
 
+# -----------------------------------------------------------------------------
+# The three networks, each called as model(x_t, t, ids); ids of all zeros is the null condition
+
+
 class Ours(nn.Module):
-    """Our default network (the `small` UNet and its conditioner); build_models moves it as train.py does."""
+    """Our default network (the `small` UNet and its conditioner), with SDPA attention on every device."""
     name = "ours"
 
     def __init__(self, vocab_sizes):
         super().__init__()
-        self.net = TaxaDiffusion(UNetConfig(), vocab_sizes)
+        self.net = TaxaDiffusion(UNetConfig(attention_impl="sdpa"), vocab_sizes)
 
     def forward(self, x, t, ids):
         return self.net(x, t, ids)
@@ -102,7 +123,8 @@ class Diffusers(nn.Module):
 
 
 class Lucidrains(nn.Module):
-    """lucidrains' classifier-free-guidance Unet, conditioned on the species id."""
+    """lucidrains' classifier-free-guidance Unet, conditioned on the species id; a null lineage
+    (species id 0) takes its learned null class embedding, the one its own guidance uses."""
     name = "lucidrains"
 
     def __init__(self, vocab_sizes):
@@ -111,27 +133,35 @@ class Lucidrains(nn.Module):
         self.net = Unet(dim=30, num_classes=vocab_sizes[-1], dim_mults=(1, 2, 2), channels=3,
                         attn_dim_head=32, attn_heads=2)
 
-    def forward(self, x, t, ids, cond_drop_prob=0.0):
-        return self.net(x, t, ids[:, -1], cond_drop_prob=cond_drop_prob)
+    def forward(self, x, t, ids):
+        species = ids[:, -1]
+        return self.net(x, t, species, cond_keep_mask=species > 0)  # False: the null class embedding
 
 
-PEERS = {"diffusers": ("diffusers", Diffusers), "lucidrains": ("denoising_diffusion_pytorch", Lucidrains)}
+NETWORKS = {"ours": (None, Ours), "diffusers": ("diffusers", Diffusers),
+            "lucidrains": ("denoising_diffusion_pytorch", Lucidrains)}
 
 
-def build_models(vocab_sizes, device):
-    models = [Ours(vocab_sizes)]
-    for name, (module, cls) in PEERS.items():
-        try:
-            __import__(module)
-        except ImportError:
-            print(f"{name}: not installed, skipped (pip install diffusers denoising-diffusion-pytorch)")
-            continue
-        models.append(cls(vocab_sizes))
-    return [to_device(models[0], device)] + [m.to(device) for m in models[1:]]
+def installed(name):
+    module = NETWORKS[name][0]
+    try:
+        module and __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def build(name, vocab_sizes, device):
+    """A network on `device`, placed as train.py places ours: channels-last weights on a CPU, for every network."""
+    return to_device(NETWORKS[name][1](vocab_sizes), device)
 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# What is timed: the same functions for every network
 
 
 def train_step_fn(model, diffusion, batch, ids_all, device):
@@ -150,19 +180,24 @@ def train_step_fn(model, diffusion, batch, ids_all, device):
 
 
 def sample_fn(model, diffusion, n, steps, guidance, ids_all, device):
-    """DDIM sampling of n images; guidance 3 against the null condition when `guidance`."""
+    """DDIM sampling of n images; with `guidance`, scale 3 against the null condition, both halves in one batch."""
     ids = ids_all[torch.arange(n) % len(ids_all)].to(device)
-    if isinstance(model, Lucidrains) and guidance:  # its own guidance: two passes
-        def eps_fn(x, t):
-            out, _ = model.net.forward_with_cond_scale(x, t, ids[:, -1], cond_scale=3.0)  # (guided, null)
-            return diffusion.eps(lambda *_: out, x, t, ids)  # the network predicts v: turn it into eps
-    else:
-        eps_fn = guided_eps_fn(diffusion, model, ids, 3.0 if guidance else 1.0)
+    eps_fn = guided_eps_fn(diffusion, model, ids, 3.0 if guidance else 1.0)  # the same formula for every network
 
     def run():
         diffusion.sample(eps_fn, (n, 3, SIZE, SIZE), steps=steps, device=device,
                          generator=torch.Generator(device=device).manual_seed(0))
     return run
+
+
+def jobs_for(model, diffusion, ids_all, device, n_sample, sample_steps):
+    """{measure: (callable, images per call, network forwards per image per call)}."""
+    jobs = {f"train b{b}": (train_step_fn(model, diffusion, b, ids_all, device), b, 1) for b in (32, 64)}
+    for guidance in (False, True):
+        jobs[f"sample{' cfg' if guidance else ''}"] = (
+            sample_fn(model, diffusion, n_sample, sample_steps, guidance, ids_all, device), n_sample,
+            sample_steps * (2 if guidance else 1))
+    return jobs
 
 
 def timed(fn, device, n=1):
@@ -177,26 +212,74 @@ def timed(fn, device, n=1):
     return time.perf_counter() - t0
 
 
-def rss_child(name, device):
-    """Run in a fresh process: one train step at batch 64 and 5 guided sampling steps; print peak RSS in MB."""
+# -----------------------------------------------------------------------------
+# The work: FLOPs of one forward and of one training forward + backward
+
+# The flop counter knows SDPA's CUDA kernels but not the CPU one that F.scaled_dot_product_attention
+# calls here; it does the same work (2 matmuls forward, 4 backward), so count it with the same formulas.
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def gflop_per_image(model, diffusion, ids_all, device, batch=4):
+    """GFLOP per image of one forward, and of one training step's forward + backward (about 3 forwards: the
+    backward computes the gradient of each layer's input and of its weights). Convolutions, matmuls and attention
+    only, the ops that do almost all the arithmetic; norms, activations and the optimizer are not counted."""
+    x0 = torch.rand(batch, 3, SIZE, SIZE, device=device) * 2 - 1
+    ids = ids_all[:batch].to(device)
+    t = torch.full((batch,), 500, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(x0, t, ids)
+    with FlopCounterMode(display=False) as train:
+        diffusion.loss(model, x0, ids, weight="v").backward()
+    model.zero_grad(set_to_none=True)
+    return forward.get_total_flops() / batch / 1e9, train.get_total_flops() / batch / 1e9
+
+
+# -----------------------------------------------------------------------------
+# Peak memory, in a fresh process per network and measure
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:  # VmRSS: resident now; VmHWM: its peak ("high water mark"), in kB
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def memory_child(name, what, device, n_sample, sample_steps):
+    """Run one measure's function once; print the peak memory it took, in MB, over what the process held
+    after its imports and building the network (so neither a library's import nor the weights count)."""
     ids_all, vocab_sizes = toy_ids()
-    model = {m.name: m for m in (Ours, Diffusers, Lucidrains)}[name](vocab_sizes).to(device)
     diffusion = Diffusion(DiffusionConfig()).to(device)
-    train_step_fn(model, diffusion, 64, ids_all, device)()
-    ids = ids_all[torch.arange(64) % len(ids_all)].to(device)
-    with torch.inference_mode():
-        diffusion.sample(guided_eps_fn(diffusion, model, ids, 3.0), (64, 3, SIZE, SIZE), steps=5, device=device)
+    model = build(name, vocab_sizes, device)  # imports the network's library
+    fn = jobs_for(model, diffusion, ids_all, device, n_sample, sample_steps)[what][0]  # the timed call itself
     if device == "cuda":
-        print(torch.cuda.max_memory_allocated() / 2 ** 20)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
         return
-    with open("/proc/self/status") as f:  # VmHWM: the peak resident set of this process, in kB
-        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024)
+    base = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM to the current resident set
+    fn()
+    print((_proc_status_kb("VmHWM") - base) / 1024)
 
 
-def peak_rss(name, device):
-    out = subprocess.run([sys.executable, __file__, "--rss-child", name, "--device", device],
-                         capture_output=True, text=True)
+def peak_memory(name, what, device, n_sample, sample_steps):
+    out = subprocess.run([sys.executable, __file__, "--rss-child", f"{name},{what}", "--device", device,
+                          "--n-sample", str(n_sample), "--sample-steps", str(sample_steps)], capture_output=True, text=True)
     return float(out.stdout.split()[-1]) if out.returncode == 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
 
 
 def build_parser():
@@ -206,59 +289,82 @@ def build_parser():
     p.add_argument("--train-steps", type=positive_int, default=5, help="timed train steps per round and batch size")
     p.add_argument("--n-sample", type=positive_int, default=64, help="images per sampling run")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps per sampling run")
-    p.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--rss-child", default="", help=argparse.SUPPRESS)  # "network,measure": see memory_child
     return p
+
+
+def table(names, jobs, times, gflop, memory, device):
+    """The markdown table: a row per measure, a column per network, then the ratios."""
+    lines = [f"| measure | " + " | ".join(names) + " | " + " | ".join(f"ours / {n}" for n in names[1:]) + " |",
+             "|---" * (2 * len(names)) + "|",
+             "| GFLOP per image: forward / train step | " + " | ".join(
+                 f"{gflop[n][0]:.2f} / {gflop[n][1]:.2f}" for n in names) + " |" + " |" * (len(names) - 1)]
+    for what in sorted({w for w, _ in jobs}, key=lambda w: (not w.startswith("train"), w)):
+        med = {n: statistics.median(times[(what, n)]) for n in names}
+        cells = []
+        for n in names:
+            _, images, forwards = jobs[(what, n)]
+            if what.startswith("train"):
+                rate = images * gflop[n][1] / med[n]
+                cells.append(f"{images / med[n]:.1f} img/s, {rate:.0f} GFLOP/s")
+            else:
+                rate = images * forwards * gflop[n][0] / med[n]
+                cells.append(f"{med[n]:.2f} s, {rate:.0f} GFLOP/s")
+        ratios = [f"{med[n] / med['ours']:.2f}x" for n in names[1:]]
+        lines.append(f"| {what} | " + " | ".join(cells + ratios) + " |")
+    for what, peaks in memory.items():
+        lines.append(f"| peak {'GPU memory' if device == 'cuda' else 'RSS'}, {what} | "
+                     + " | ".join(f"+{peaks[n]:.0f} MB" for n in names) + " |" + " |" * (len(names) - 1))
+    return "\n".join(lines)
 
 
 def main():
     args = build_parser().parse_args()
     device = args.device
     if args.rss_child:
-        return rss_child(args.rss_child, device)
+        return memory_child(*args.rss_child.split(","), device, args.n_sample, args.sample_steps)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     ids_all, vocab_sizes = toy_ids()
     diffusion = Diffusion(DiffusionConfig()).to(device)
-    models = build_models(vocab_sizes, device)
+    names = [n for n in NETWORKS if installed(n)]
+    for n in NETWORKS:
+        if n not in names:
+            print(f"{n}: not installed, skipped (pip install diffusers denoising-diffusion-pytorch==2.3.4)")
+    models = {n: build(n, vocab_sizes, device) for n in names}
     print(f"`python {' '.join(sys.argv)}` on {commit()}")
     print(f"{device}: {torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}, "
-          f"torch {torch.__version__}, {SIZE}x{SIZE}, fp32{' with TF32 matmuls' if device == 'cuda' else ''}")
-    for m in models:
-        print(f"  {m.name:10s} {n_params(m) / 1e6:.2f} M parameters")
+          f"torch {torch.__version__}, {SIZE}x{SIZE}, fp32{' with TF32 matmuls' if device == 'cuda' else ''}, "
+          f"{'channels-last weights for every network' if device == 'cpu' else 'the default layout for every network'}")
+    packages = {"diffusers": "diffusers", "lucidrains": "denoising-diffusion-pytorch"}
+    for n, m in models.items():
+        version = f", {packages[n]} {importlib.metadata.version(packages[n])}" if n in packages else ""
+        print(f"  {n:10s} {n_params(m) / 1e6:.2f} M parameters{version}")
+    gflop = {n: gflop_per_image(m, diffusion, ids_all, device) for n, m in models.items()}
 
-    jobs = {}  # (what, model name) -> (callable, images per call)
-    for m in models:
-        for batch in (32, 64):
-            jobs[(f"train b{batch}", m.name)] = (train_step_fn(m, diffusion, batch, ids_all, device), batch)
-        for guidance in (False, True):
-            jobs[(f"sample{' cfg' if guidance else ''}", m.name)] = (
-                sample_fn(m, diffusion, args.n_sample, args.sample_steps, guidance, ids_all, device), args.n_sample)
-    for fn, _ in jobs.values():  # warm-up: first calls allocate, pick kernels, fill caches
+    jobs = {}  # (measure, network) -> (callable, images per call, forwards per image per call)
+    for n, m in models.items():
+        for what, job in jobs_for(m, diffusion, ids_all, device, args.n_sample, args.sample_steps).items():
+            jobs[(what, n)] = job
+    for fn, _, _ in jobs.values():  # warm-up: first calls allocate, pick kernels, fill caches
         fn()
     times = {key: [] for key in jobs}
     for r in range(args.repeats):
-        for (what, name), (fn, _) in jobs.items():
-            n = args.train_steps if what.startswith("train") else 1
-            times[(what, name)].append(timed(fn, device, n) / n)
+        for (what, n), (fn, _, _) in jobs.items():
+            k = args.train_steps if what.startswith("train") else 1
+            times[(what, n)].append(timed(fn, device, k) / k)
         print(f"round {r + 1}/{args.repeats} done", flush=True)
+    load_after = os.getloadavg()
+    memory = {what: {n: peak_memory(n, what, device, args.n_sample, args.sample_steps) for n in names}
+              for what in ("train b64", "sample cfg")}
 
-    names = [m.name for m in models]
-    print(f"\n| measure | " + " | ".join(names) + " | " + " | ".join(f"ours / {n}" for n in names[1:]) + " |")
-    print("|---" * (1 + 2 * len(names) - 1) + "|")
-    whats = sorted({w for w, _ in jobs}, key=lambda w: (not w.startswith("train"), w))
-    for what in whats:
-        med = {n: statistics.median(times[(what, n)]) for n in names}
-        if what.startswith("train"):
-            cells = [f"{jobs[(what, n)][1] / med[n]:.1f} img/s" for n in names]
-        else:
-            cells = [f"{med[n]:.2f} s" for n in names]
-        ratios = [f"{med[n] / med['ours']:.2f}x" for n in names[1:]]
-        print(f"| {what} | " + " | ".join(cells + ratios) + " |")
-    rss = {n: peak_rss(n, device) for n in names}
-    print(f"| {'peak GPU memory' if device == 'cuda' else 'peak RSS'} | " + " | ".join(f"{rss[n]:.0f} MB" for n in names) + " |" + " |" * (len(names) - 1))
+    print("\n" + table(names, jobs, times, gflop, memory, device))
     print(f"(ratios: how many times faster ours is; sampling: {args.n_sample} images, {args.sample_steps} DDIM steps, "
-          f"cfg = guidance 3)")
+          f"cfg = guidance 3 in one batch; GFLOP/s: the counted work over the measured time; peak memory: over "
+          f"imports and weights; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after the timing)")
 
 
 if __name__ == "__main__":

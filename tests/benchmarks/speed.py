@@ -295,7 +295,7 @@ def build_parser():
 
 def table(names, jobs, times, gflop, memory, device):
     """The markdown table: a row per measure, a column per network, then the ratios."""
-    lines = [f"| measure | " + " | ".join(names) + " | " + " | ".join(f"ours / {n}" for n in names[1:]) + " |",
+    lines = ["| measure | " + " | ".join(names) + " | " + " | ".join(f"ours / {n}" for n in names[1:]) + " |",
              "|---" * (2 * len(names)) + "|",
              "| GFLOP per image: forward / train step | " + " | ".join(
                  f"{gflop[n][0]:.2f} / {gflop[n][1]:.2f}" for n in names) + " |" + " |" * (len(names) - 1)]

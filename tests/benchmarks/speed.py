@@ -1,8 +1,8 @@
 """
 How fast is our UNet against what a reader would otherwise pick, at the same size (a script, not a test).
 
-    python tests/benchmarks/speed.py                  # 2-core CPU, 32x32, fp32: about 25 min
-    python tests/benchmarks/speed.py --repeats 1      # a first look, about 8 min
+    python tests/benchmarks/speed.py                  # 2-core CPU, 32x32, fp32: about 25 min when idle
+    python tests/benchmarks/speed.py --repeats 1      # a first look
     python tests/benchmarks/speed.py --device cuda    # the same on a GPU (fp32 weights, TF32 matmuls)
 
 On a GPU this script turns on TF32 for matmuls and convolutions; train.py does not enable TF32
@@ -39,8 +39,9 @@ What makes it a fair comparison:
   lucidrains' own einsums (its 2.3.4 Attend takes flash=False by default).
 
 Each figure is the median of --repeats rounds, each round timing every model in turn so that
-machine drift hits them all alike (the load average before and after is printed: other work on
-the machine slows every column alike, not their ratios):
+machine drift hits them all alike. The load average before and after is printed: on a busy
+machine torch's threads wait for each other, steps take many times longer, and the ratios
+stop meaning much (docs/performance.md):
 - train: one step (noising, forward, backward, AdamW) at batch 32 and 64, in images/s;
 - sample: 64 images with 50 DDIM steps, without and with guidance 3 (a batch of 128);
 - peak memory: one train step at batch 64, and one guided sampling run, each in a fresh process.

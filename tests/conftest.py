@@ -1,5 +1,18 @@
 import os
 import sys
 
+import pytest
+import torch
+
 # tests import the top-level modules (taxonomy, unet, model, train, sample) directly
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny shapes gain nothing from a second, which only spins and waits when the cores are
+    shared (10x slower here). Test files of tiny training runs use it for every test (pytestmark)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

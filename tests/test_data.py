@@ -231,15 +231,6 @@ def fixture_args(fmt, root):
     return ["--data", str(make_inat_json(root))]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny shapes gain nothing from threads, which only spin and wait when the cores are shared (10x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("fmt", ["folder", "fishnet", "bioscan", "inat-json"])
 def test_two_stages_train_from_each_format(tmp_path, fmt, capsys, one_thread):
     out = tmp_path / "out"

@@ -30,12 +30,7 @@ LATENT = TrainConfig(latent=True, latent_f=2, ae_steps=6, ae_batch_size=4, ae_cr
                      per_species=2, batch_size=8, steps=3, grid_cols=2, grid_steps=2, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(n=4, size=16):

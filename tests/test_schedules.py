@@ -12,12 +12,7 @@ TINY = ["--size", "tiny", "--steps", "2", "--batch-size", "8", "--per-species", 
         "--grid-cols", "1", "--grid-steps", "1", "--device", "cpu", "--save-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny runs: a second thread only spins
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_schedule_trains_as_many_steps_and_cools_down_as_long():

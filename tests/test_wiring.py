@@ -16,12 +16,7 @@ TINY = TrainConfig(level="order", size="tiny", image_size=16, per_species=2, bat
                    grid_cols=2, grid_steps=2, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spy_run(monkeypatch, tmp_path, **flags):

@@ -32,6 +32,10 @@ image, and we count how often that matches the lineage the image was
 conditioned on. Its penultimate features also give a "classifier Frechet
 distance", a FID-like number in a feature space that knows the toy traits
 (it is not FID and is never called that).
+
+A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt
+beside it, and its table has one more row: the second real set encoded and
+decoded (with its PSNR), the best that model could draw.
 """
 import hashlib
 import importlib.metadata

@@ -7,7 +7,8 @@ Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
     python sample.py --list                                     # the taxonomy the checkpoint knows
 
 Names may start at any rank and are matched ignoring case ('_' reads as a
-space); '...' or a missing tail leaves the finer ranks unspecified.
+space); '...' or a missing tail leaves the finer ranks unspecified. A latent
+checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
 """
 import os
 import sys

@@ -83,7 +83,7 @@ class TrainConfig:
     ae_batch_size: int = 16  # images per autoencoder step, over all processes
     ae_crop: int = 32  # the autoencoder trains on random crops of this side (a multiple of --latent-f; 0: whole images)
     ae_lr: float = 3e-4  # the autoencoder's AdamW learning rate
-    ae_edge_loss: str = "gradient"  # what keeps its edges sharp beside L1: gradient, ssim, fft or none (unet.autoencoder_loss)
+    ae_edge_loss: str = "fft"  # what keeps its edges sharp beside L1: fft, gradient, ssim or none (unet.autoencoder_loss)
     # the data
     data: str = "toy"  # "toy", a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)
     image_size: int = 32  # images are resized to image_size x image_size

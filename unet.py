@@ -278,7 +278,7 @@ class AutoencoderConfig:
     num_res_blocks: int = 1  # ResBlocks per level
     groups: int = 8  # GroupNorm groups
     kl_weight: float = 1e-6  # weight of the KL term (LDM's), per image summed over the latent as in LDM
-    edge_loss: str = "gradient"  # what keeps edges sharp beside L1: gradient, ssim, fft or none (autoencoder_loss)
+    edge_loss: str = "fft"  # what keeps edges sharp beside L1: fft, gradient, ssim or none (autoencoder_loss)
     edge_weight: float = 1.0  # weight of that term
 
 

@@ -10,8 +10,9 @@ Each autoencoder is the one `python train.py --latent --image-size 64 --ae-edge-
 (model.autoencoder_stage, with the same flags and seed), so a run given that --out reuses it. It is scored on
 toy images of another seed (fid.REAL_SEED, --n-per-species of each species), encoded (the posterior mean) and
 decoded: PSNR; how often the taxon classifier (fid.py's, at this image size) names each rank right; and the
-sharpness, the mean |finite difference| of the reconstructions over that of the originals (1 = as sharp, less
-= blurred). Each score is kept in OUT/LOSS/score.json (a rerun skips it); the table lists every one in OUT.
+edge error, how far the reconstructions' finite differences (their edges) are from the originals', relative to
+the originals' (0 = every edge as it was; a blurred edge and a speckle both count). Each score is kept in
+OUT/LOSS/score.json (a rerun skips it); the table lists every one in OUT.
 """
 import json
 import os
@@ -33,10 +34,16 @@ from taxonomy import toy_dataset  # noqa: E402
 LOSSES = ("gradient", "ssim", "fft", "none")
 
 
-def sharpness(x):
-    """Mean |horizontal and vertical finite difference| of uint8 images (N, 3, H, W), in grey levels."""
+def edges(x):
+    """The horizontal and vertical finite differences of uint8 images (N, 3, H, W), as float."""
     x = x.float()
-    return ((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()).item() / 2
+    return x[..., 1:] - x[..., :-1], x[..., 1:, :] - x[..., :-1, :]  # (N, 3, H, W-1), (N, 3, H-1, W)
+
+
+def edge_error(images, rec):
+    """sum |d rec - d images| / sum |d images| over both directions' finite differences d."""
+    diff = sum((a - b).abs().sum() for a, b in zip(edges(rec), edges(images)))
+    return (diff / sum(a.abs().sum() for a in edges(images))).item()
 
 
 def score(ae_path, size, n_per_species, clf_path, device):
@@ -51,19 +58,19 @@ def score(ae_path, size, n_per_species, clf_path, device):
     return {"psnr": fid.psnr(images, rec), "held_out_psnr": ckpt["psnr"],
             "accuracy": dict(zip(fid.EVAL_RANKS, (pred == target).float().mean(0).tolist())),
             "accuracy_originals": dict(zip(fid.EVAL_RANKS, (pred_real == target).float().mean(0).tolist())),
-            "sharpness": sharpness(rec) / sharpness(images), "images": len(images)}
+            "edge_error": edge_error(images, rec), "images": len(images)}
 
 
 def table(scores):
-    lines = ["| edge loss | PSNR (dB) | species acc. | genus acc. | sharpness | train.py's held-out PSNR |",
+    lines = ["| edge loss | PSNR (dB) | species acc. | genus acc. | edge error | train.py's held-out PSNR |",
              "|---|---|---|---|---|---|"]
     for loss, s in scores.items():
         lines.append(f"| {loss} | {s['psnr']:.2f} | {s['accuracy']['species']:.1%} | {s['accuracy']['genus']:.1%} | "
-                     f"{s['sharpness']:.3f} | {s['held_out_psnr']:.2f} |")
+                     f"{s['edge_error']:.3f} | {s['held_out_psnr']:.2f} |")
     first = next(iter(scores.values()), None)
     if first:
         lines.append(f"| (the originals) | - | {first['accuracy_originals']['species']:.1%} | "
-                     f"{first['accuracy_originals']['genus']:.1%} | 1 | - |")
+                     f"{first['accuracy_originals']['genus']:.1%} | 0 | - |")
     return "\n".join(lines)
 
 
@@ -88,7 +95,7 @@ def main(args):
         with open(done, "w") as f:
             json.dump(s, f, indent=1)
         print(f"{loss}: PSNR {s['psnr']:.2f} dB, species {s['accuracy']['species']:.1%}, "
-              f"sharpness {s['sharpness']:.3f}", flush=True)
+              f"edge error {s['edge_error']:.3f}", flush=True)
     scores = {}
     for loss in LOSSES:
         path = os.path.join(args.out, loss, "score.json")

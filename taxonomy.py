@@ -737,7 +737,7 @@ def decode_into(items, present, size, cache, workers):
     images.flush()
     del images
     for old in Path(cache).parent.glob(f"images-{size}px-*"):  # an older cache of this size is outdated
-        if ".tmp" not in old.name:
+        if ".tmp" not in old.name and not old.name.startswith(os.path.basename(cache)):
             old.unlink()
     os.replace(tmp + ".npy", cache + ".npy")
     with open(tmp + ".json", "w") as f:

@@ -307,7 +307,7 @@ def main(cfg):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         check_run(cfg, world)
-        dataset, taxonomy, plan = load_dataset(cfg, rank)
+        dataset, taxonomy, plan = load_dataset(cfg, rank, world)
         to_train = schedule_stages(cfg, plan)
         if rank == 0:
             counts = torch.unique(dataset.ids, dim=0, return_counts=True)[1]  # images of each lineage: a long tail?
@@ -346,13 +346,18 @@ def main(cfg):
             dist.destroy_process_group()
 
 
-def load_dataset(cfg, rank=0):
+def load_dataset(cfg, rank=0, world=1):
     """The images, the taxonomy (built once) and the plan of stage ranks; bad data ends here, in one line,
-    before any checkpoint is touched."""
+    before any checkpoint is touched. With several processes, process 0 decodes the images into the cache in
+    out/ first and the others then read it (two processes writing one cache would race)."""
     try:
+        if rank > 0:
+            dist.barrier()
         images, lineages, wheres = load_data(
             cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
             columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
+        if rank == 0 and world > 1:
+            dist.barrier()
         found, lineages = build_taxonomy(lineages, wheres, keep_first=cfg.conflicts == "keep-first")
     except DataError as e:
         raise SystemExit(f"error: {e}")

@@ -210,6 +210,26 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch, capsys):
     assert "decoded once" in capsys.readouterr().out
 
 
+def test_with_several_processes_process_0_decodes_and_the_others_read_its_cache(tmp_path, monkeypatch):
+    """Two processes decoding into one cache raced (one deleted the file the other had just written): process 0
+    decodes, then the barrier; the others wait at the barrier, then read the cache without decoding."""
+    root = make_folder_tree(tmp_path / "tree", per_species=1)
+    cfg = train.TrainConfig(data=str(root), image_size=8, out=str(tmp_path / "out"), level="order", workers=0,
+                            batch_size=4)
+    events = []
+    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    decode = taxonomy.load_image
+    monkeypatch.setattr(taxonomy, "load_image", lambda *a: events.append("decode") or decode(*a))
+    train.load_dataset(cfg, rank=0, world=2)
+    assert events[-1] == "barrier" and events.count("barrier") == 1 and events.count("decode") > 1
+    events.clear()
+    train.load_dataset(cfg, rank=1, world=2)
+    assert events == ["barrier"]  # waited first, then read process 0's cache: nothing decoded
+    events.clear()
+    train.load_dataset(cfg)  # one process: no barrier
+    assert "barrier" not in events
+
+
 # -----------------------------------------------------------------------------
 # Two stages train end to end from each format
 

@@ -305,6 +305,9 @@ def psnr(a, b):
 
 
 def evaluate_checkpoint(args):
+    """fid.py's default: draw n images of every taxon of the checkpoint's finest rank for each guidance scale,
+    then print one table of FID, KID and (on the toy tree) the classifier's accuracy at every rank, with real
+    toy images (and, on latents, their reconstructions) as the floor."""
     model, ckpt = load_checkpoint(args.ckpt, args.device)
     autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
@@ -343,7 +346,7 @@ def evaluate_checkpoint(args):
             rows.append((f"the 2nd set through the autoencoder (PSNR {psnr(ref, rec):.2f} dB)", len(rec), rec_f, acc,
                          rec_cf))
     else:
-        real_f = None
+        real_f, real_cf = None, None
         if str(args.real).endswith(".npz"):
             real_mu, real_sigma = load_statistics(args.real)
         else:
@@ -362,7 +365,12 @@ def evaluate_checkpoint(args):
         name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
         rows.append((name, len(images), feats, acc, cf))
 
-    # one markdown table
+    print_table(rows, real_f, real_cf, None if real_f is not None else (real_mu, real_sigma))
+
+
+def print_table(rows, real_f, real_cf, real_stats=None):
+    """One markdown table: a row (name, n, Inception features, accuracies or None, classifier features or None)
+    against the real images' features real_f (FID and KID), or their saved (mu, sigma) real_stats (FID only)."""
     head = ["images", "n", "FID", "KID x1e3"] + list(EVAL_RANKS) + ["classifier FD"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, count, feats, acc, cf in rows:
@@ -371,7 +379,7 @@ def evaluate_checkpoint(args):
             kid, kid_std = kernel_inception_distance(feats, real_f)
             kid_s = f"{1e3 * kid:.2f} ± {1e3 * kid_std:.2f}"
         else:
-            fd, kid_s = frechet_distance(*statistics(feats), real_mu, real_sigma), "-"
+            fd, kid_s = frechet_distance(*statistics(feats), *real_stats), "-"
         accs = ["-"] * len(EVAL_RANKS) if acc is None else ["-" if math.isnan(a) else f"{a:.1%}" for a in acc]
         cfd = "-" if cf is None else f"{frechet_distance(*statistics(cf), *statistics(real_cf)):.2f}"
         print(f"| {name} | {count} | {fd:.2f} | {kid_s} | " + " | ".join(accs) + f" | {cfd} |")

@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, fields, replace
@@ -315,8 +316,9 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
 
 # =============================================================================
 # Appendix: what the scripts share besides the method. EMA, checkpoints (save, load,
-# compatibility, taxa by name), sampling rows of a picture grid, train.py's plumbing
-# (resumable randomness, torchrun, Ctrl-C), latent space (the autoencoder stage, the
+# what a run's checkpoints record and which flags must match, taxa by name), sampling rows
+# of a picture grid, train.py's plumbing (resumable randomness, torchrun, Ctrl-C, the
+# checks before a run), latent space (the autoencoder stage, the
 # latent cache, decoding), then one-line errors for bad checkpoints and the checks of
 # every command-line value. A first read stops here.
 
@@ -386,7 +388,7 @@ def finest_checkpoint(folder):
 def check_checkpoint(ckpt, path, header, free, resuming):
     """Refuse, in one line naming what differs, a checkpoint that cannot continue a run.
 
-    header: what the run's own checkpoints would record (train.py's run_header); free: the training flags
+    header: what the run's own checkpoints would record (run_header, below); free: the training flags
     that may differ (where it runs, how often it saves). A resumed stage must also number the taxa alike,
     since its optimizer state is in its own id order; a finished stage is reordered by name (by_name).
     """
@@ -427,6 +429,36 @@ def check_checkpoint(ckpt, path, header, free, resuming):
     if resuming and ckpt["vocab"] != header["vocab"]:
         raise CheckpointError(f"{path} numbers the taxa in another order than the data lists them; "
                               "delete it to train this stage again")
+
+
+# Flags a stage may change when it resumes or is reused: where it runs, how often it saves, its grids and the
+# arithmetic (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match.
+FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
+                  "guidance", "guide_from", "grid_cols", "grid_steps", "grid_sampler")
+
+
+def network_configs(cfg):
+    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags).
+    On latents the UNet sees (latent_channels, image_size / f, image_size / f) instead of (3, image_size, image_size)."""
+    channels, size = (cfg.latent_channels, cfg.image_size // cfg.latent_f) if cfg.latent else (3, cfg.image_size)
+    return (UNetConfig(in_channels=channels, image_size=size, attention_impl=cfg.attention, **SIZES[cfg.size]),
+            DiffusionConfig())
+
+
+def run_header(cfg, taxonomy, plan, autoencoder=None):
+    """What every checkpoint of this run records, as plain data: the configs, the stages, the taxonomy, and on
+    latents the autoencoder they belong to (its file, config and weights' hash: sample.py finds and checks it)."""
+    unet_config, diffusion_config = network_configs(cfg)
+    ae = autoencoder and autoencoder_record(autoencoder, os.path.join(cfg.out, "autoencoder.pt"))
+    return dict(ranks=list(RANKS), stages=[RANKS[r] for r in plan], unet_config=asdict(unet_config),
+                diffusion_config=asdict(diffusion_config), train_config=asdict(cfg), autoencoder=ae,
+                vocab_sizes=[len(v) for v in taxonomy.vocab], vocab=taxonomy.vocab, lineages=taxonomy.lineages())
+
+
+def free_flags(cfg):
+    """The flags a stage may change when it resumes or is reused: FREE_ON_RESUME, and in pixels the
+    autoencoder's flags, which then change nothing (a pixel checkpoint from before --latent existed is reused)."""
+    return FREE_ON_RESUME + (() if cfg.latent else LATENT_FLAGS)
 
 
 def by_name(state, vocab, taxonomy):
@@ -497,7 +529,8 @@ def sample_rows(diffusion, model, row_ids, x_T, guidance, guide_from="null", roo
 
 # -----------------------------------------------------------------------------
 # Training plumbing (train.py): randomness that a resumed run draws again, as a function of
-# (seed, stage, step); the global generators' states; several processes (torchrun); Ctrl-C
+# (seed, stage, step); the global generators' states; several processes (torchrun); Ctrl-C;
+# the checks before a run
 
 
 def seeded_generator(*key, device="cpu"):
@@ -611,6 +644,21 @@ def catch_stop_signals():
     return seen
 
 
+def check_run(cfg, world):
+    """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
+    (the flags' own values are checked as they are parsed: parse_args)."""
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out {cfg.out}: {e.strerror}")
+    if cfg.amp and not cfg.device.startswith("cuda"):
+        raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
+                         "where bf16 is many times slower than fp32; drop --amp")
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
+
+
 # -----------------------------------------------------------------------------
 # Latent space (train.py --latent): the autoencoder stage, the latent cache, decoding
 #
@@ -621,6 +669,17 @@ def catch_stop_signals():
 # find it beside the checkpoint, decode with no extra flag, and refuse another one.
 
 AUTOENCODER_KEY = 100  # the autoencoder stage's key in seeded_generator (the rank stages use 0..6)
+LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
+                "ae_edge_loss")
+# What the autoencoder stage computes from: its own flags and the images. A different value refuses out/autoencoder.pt.
+AUTOENCODER_FLAGS = LATENT_FLAGS[1:] + ("grad_clip", "data", "image_size", "per_species", "format", "top_rank",
+                                        "columns", "image_root", "boxes", "seed")
+
+
+def autoencoder_config(cfg):
+    """The autoencoder of a --latent run (unet.Autoencoder); its file stores it as a dict."""
+    return AutoencoderConfig(in_channels=3, image_size=cfg.image_size, f=cfg.latent_f,
+                             latent_channels=cfg.latent_channels, edge_loss=cfg.ae_edge_loss)
 
 
 def weights_hash(state):

@@ -34,24 +34,23 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
-                   condition_dropout, cut_lineage, read_checkpoint, sample_rows, save_grid,
+                   condition_dropout, cut_lineage, free_flags, read_checkpoint, run_header, sample_rows, save_grid,
                    to_device, update_ema)
-from model import (catch_stop_signals, mean_over_processes, save_resumable, set_rng_states, stage_batches,
+from model import (catch_stop_signals, check_run, mean_over_processes, save_resumable, set_rng_states, stage_batches,
                    start_processes, step_randomness, wrap_model)
-from model import autoencoder_record, autoencoder_stage, encode_dataset
+from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset
 from model import (config_parser, device_name, downsampling_factor, finite_float, fraction, input_path, nonneg_int,
                    output_path, per_species, positive_float, positive_int, positive_int_list, size_multiple)
 from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
-from unet import SIZES, AutoencoderConfig, UNetConfig
+from unet import SIZES, UNetConfig
 
 @dataclass
 class TrainConfig:
@@ -103,7 +102,8 @@ class TrainConfig:
     guidance: float = 3.0  # guidance scale of the stage grids (1 = none)
     guide_from: str = "null"  # negative branch of the grids' guidance: null, parent or root (see sample.py)
     grid_cols: int = 8  # samples per row of the grids
-    grid_steps: int = 20  # DDIM steps of the grids
+    grid_steps: int = 20  # sampling steps of the grids
+    grid_sampler: str = "ddim"  # sampler of the grids: ddim, ddpm or dpm++ (model.Diffusion.sample)
     amp: bool = False  # bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)
     compile: bool = False  # torch.compile the network (pays off on GPUs; on 2 CPU cores the compile costs more)
     attention: str = "auto"  # auto (Triton kernel on CUDA, SDPA elsewhere), triton, sdpa or torch: unet.attention
@@ -112,16 +112,8 @@ class TrainConfig:
         self.per_species = str(self.per_species)  # 64 and "64" are one run (checkpoints compare the two)
 
 
-# Flags a stage may change when it resumes or is reused: where it runs, how often it saves, its grids and the
-# arithmetic (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match.
-FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
-                  "guidance", "guide_from", "grid_cols", "grid_steps")
+
 SCHEDULES = ("progressive", "all", "random", "flat")
-LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
-                "ae_edge_loss")
-# What the autoencoder stage computes from: its own flags and the images. A different value refuses out/autoencoder.pt.
-AUTOENCODER_FLAGS = LATENT_FLAGS[1:] + ("grad_clip", "data", "image_size", "per_species", "format", "top_rank",
-                                        "columns", "image_root", "boxes", "seed")
 
 
 def stage_plan(taxonomy, first_level, level):
@@ -381,56 +373,11 @@ def load_dataset(cfg, rank=0, world=1):
 
 
 # =============================================================================
-# Appendix: the plumbing a first read skips. The checks before a run, a stage's checkpoints
-# and grid, the command line (resumable randomness, torchrun and Ctrl-C: model.py's appendix).
+# Appendix: the plumbing a first read skips. A stage's grid, the command line. (What a checkpoint
+# records and the checks before a run, resumable randomness, torchrun and Ctrl-C: model.py's appendix.)
 
 # -----------------------------------------------------------------------------
-# Before a run, and after each stage: what checkpoints record, the finished stage
-
-
-def check_run(cfg, world):
-    """Fail before any training: an --out that cannot be written, --amp on a CPU, a batch that does not split
-    (the flags' own values are checked as they are parsed: parse_args)."""
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=cfg.out).close()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to --out {cfg.out}: {e.strerror}")
-    if cfg.amp and not cfg.device.startswith("cuda"):
-        raise SystemExit(f"error: --amp is bf16 autocast for CUDA, and this run is on {cfg.device}, "
-                         "where bf16 is many times slower than fp32; drop --amp")
-    if cfg.batch_size % world:
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} does not split evenly over {world} processes")
-
-
-def network_configs(cfg):
-    """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags).
-    On latents the UNet sees (latent_channels, image_size / f, image_size / f) instead of (3, image_size, image_size)."""
-    channels, size = (cfg.latent_channels, cfg.image_size // cfg.latent_f) if cfg.latent else (3, cfg.image_size)
-    return (UNetConfig(in_channels=channels, image_size=size, attention_impl=cfg.attention, **SIZES[cfg.size]),
-            DiffusionConfig())
-
-
-def autoencoder_config(cfg):
-    """The autoencoder of a --latent run (unet.Autoencoder); its file stores it as a dict."""
-    return AutoencoderConfig(in_channels=3, image_size=cfg.image_size, f=cfg.latent_f,
-                             latent_channels=cfg.latent_channels, edge_loss=cfg.ae_edge_loss)
-
-
-def run_header(cfg, taxonomy, plan, autoencoder=None):
-    """What every checkpoint of this run records, as plain data: the configs, the stages, the taxonomy, and on
-    latents the autoencoder they belong to (its file, config and weights' hash: sample.py finds and checks it)."""
-    unet_config, diffusion_config = network_configs(cfg)
-    ae = autoencoder and autoencoder_record(autoencoder, os.path.join(cfg.out, "autoencoder.pt"))
-    return dict(ranks=list(RANKS), stages=[RANKS[r] for r in plan], unet_config=asdict(unet_config),
-                diffusion_config=asdict(diffusion_config), train_config=asdict(cfg), autoencoder=ae,
-                vocab_sizes=[len(v) for v in taxonomy.vocab], vocab=taxonomy.vocab, lineages=taxonomy.lineages())
-
-
-def free_flags(cfg):
-    """The flags a stage may change when it resumes or is reused: FREE_ON_RESUME, and in pixels the
-    autoencoder's flags, which then change nothing (a pixel checkpoint from before --latent existed is reused)."""
-    return FREE_ON_RESUME + (() if cfg.latent else LATENT_FLAGS)
+# After each stage: its grid, and out/<level>.pt
 
 
 def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
@@ -444,7 +391,7 @@ def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, w
                           device=cfg.device)
         rows = torch.tensor([taxonomy.ancestors(stage.level, i) for i in taxa], device=cfg.device)  # (taxa, R)
         images = sample_rows(diffusion, stage.ema.eval(), rows, x_T, cfg.guidance, cfg.guide_from, plan[0],
-                             steps=cfg.grid_steps, rows_per_call=max(1, 64 // cfg.grid_cols),
+                             steps=cfg.grid_steps, sampler=cfg.grid_sampler, rows_per_call=max(1, 64 // cfg.grid_cols),
                              autoencoder=stage.autoencoder)  # decoded on latents
         save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
                   labels=[taxonomy.vocab[stage.level][i] for i in taxa])
@@ -469,6 +416,7 @@ def build_parser():
         "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
         "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
         "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
+        "grid_sampler": ("ddim", "ddpm", "dpm++"),
         "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,
         "ae_edge_loss": ("gradient", "ssim", "fft", "none"), "latent_channels": positive_int, "ae_steps": positive_int,
         "ae_batch_size": positive_int, "ae_crop": nonneg_int, "ae_lr": positive_float,

@@ -94,11 +94,11 @@ def test_sample_without_checkpoint_is_one_clear_line(tmp_path):
 def species_checkpoint(tmp_path_factory):
     """An untrained tiny species-level checkpoint of the toy tree, as train.py writes it (its first stage: class)."""
     import train
-    from model import TaxaDiffusion, save_checkpoint
+    from model import TaxaDiffusion, run_header, save_checkpoint
     from unet import UNetConfig
     cfg = train.TrainConfig(level="species", size="tiny", image_size=16, per_species=1, batch_size=1, device="cpu")
     _, taxonomy, plan = train.load_dataset(cfg)
-    header = train.run_header(cfg, taxonomy, plan)
+    header = run_header(cfg, taxonomy, plan)
     state = TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]).state_dict()
     path = tmp_path_factory.mktemp("ckpt") / "species.pt"
     save_checkpoint(path, **header, model=state, ema=state, level="species")

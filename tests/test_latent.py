@@ -259,7 +259,7 @@ def test_a_pixel_run_refuses_latent_stages_and_reuses_old_pixel_checkpoints(late
     pixel = replace(cfg, latent=False, level="class", out=str(tmp_path / "pixel"))
     train.main(pixel)
     ckpt = torch.load(tmp_path / "pixel" / "class.pt", weights_only=True)
-    for k in train.LATENT_FLAGS:
+    for k in model.LATENT_FLAGS:
         del ckpt["train_config"][k]
     del ckpt["autoencoder"]
     save_checkpoint(str(tmp_path / "pixel" / "class.pt"), **ckpt)

@@ -23,7 +23,7 @@ def spy_run(monkeypatch, tmp_path, **flags):
     """Train class -> order for 2 steps each, recording what the loop hands to condition_dropout, the loss and
     the EMA, and each stage's optimizer."""
     cfg = replace(TINY, out=str(tmp_path), **flags)
-    seen = {"dropout": [], "loss": [], "ema": [], "stages": []}
+    seen = {"dropout": [], "loss": [], "ema": [], "stages": [], "grid": []}
     real_dropout, real_build, real_ema = train.condition_dropout, train.build_stage, train.update_ema
 
     def dropout(ids, p_uncond, p_cut, **kw):
@@ -35,6 +35,10 @@ def spy_run(monkeypatch, tmp_path, **flags):
         def loss(self, model, x0, ids, **kw):
             seen["loss"].append((x0.clone(), ids.clone(), kw["weight"]))
             return super().loss(model, x0, ids, **kw)
+
+        def sample(self, eps_fn, shape, **kw):  # the stage grids
+            seen["grid"].append((kw["sampler"], kw["steps"], shape[0]))
+            return super().sample(eps_fn, shape, **kw)
 
     def build_stage(*args, **kw):
         seen["stages"].append(real_build(*args, **kw))
@@ -99,3 +103,8 @@ def test_finer_rank_tables_stay_zero_until_their_stage(tmp_path, monkeypatch):
         assert state[f"conditioner.embed.{first_unused - 1}.weight"].abs().sum() > 0  # its own rank has learned
         for r in range(first_unused, 7):
             assert (state[f"conditioner.embed.{r}.weight"] == 0).all(), (level, r)
+
+
+def test_the_grid_flags_reach_the_sampler(tmp_path, monkeypatch):
+    cfg, seen = spy_run(monkeypatch, tmp_path, grid_sampler="dpm++", grid_steps=3, grid_cols=2)
+    assert seen["grid"] == [("dpm++", 3, 2 * 3), ("dpm++", 3, 2 * 6)]  # 3 classes, then 6 orders, 2 columns each

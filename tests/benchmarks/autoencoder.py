@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 import train  # noqa: E402
-from model import autoencoder_stage, catch_stop_signals, load_autoencoder  # noqa: E402
+from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, catch_stop_signals, load_autoencoder  # noqa: E402
 from model import (device_name, downsampling_factor, nonneg_int, output_path, positive_float, positive_int,  # noqa: E402
                    script_parser)
 from taxonomy import toy_dataset  # noqa: E402
@@ -86,7 +86,7 @@ def main(args):
         os.makedirs(cfg.out, exist_ok=True)
         dataset = dataset or train.load_dataset(cfg)[0]
         with open(os.path.join(cfg.out, "train.log"), "a") as log:
-            ae, signum = autoencoder_stage(cfg, train.autoencoder_config(cfg), dataset, train.AUTOENCODER_FLAGS, log,
+            ae, signum = autoencoder_stage(cfg, autoencoder_config(cfg), dataset, AUTOENCODER_FLAGS, log,
                                            stop=catch_stop_signals())
         if signum:
             raise SystemExit(128 + signum)

@@ -112,7 +112,6 @@ class TrainConfig:
         self.per_species = str(self.per_species)  # 64 and "64" are one run (checkpoints compare the two)
 
 
-
 SCHEDULES = ("progressive", "all", "random", "flat")
 
 

@@ -1,8 +1,9 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
 process (schedule, loss, samplers) and guidance; then, in an appendix, what the
-scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (the
-randomness a resumed run draws again, torchrun, Ctrl-C), latent space (the
+scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (reading
+the data, the randomness a resumed run draws again, torchrun, Ctrl-C, a stage's
+grid), latent space (the
 autoencoder stage of train.py --latent, the latent cache, decoding), the
 one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
 
@@ -42,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from taxonomy import RANKS, normalize, species_counts
+from taxonomy import RANKS, DataError, build_taxonomy, load_data, normalize, species_counts
 from unet import SIZES, Autoencoder, AutoencoderConfig, UNet, UNetConfig, autoencoder_loss
 
 # -----------------------------------------------------------------------------
@@ -530,7 +531,7 @@ def sample_rows(diffusion, model, row_ids, x_T, guidance, guide_from="null", roo
 # -----------------------------------------------------------------------------
 # Training plumbing (train.py): randomness that a resumed run draws again, as a function of
 # (seed, stage, step); the global generators' states; several processes (torchrun); Ctrl-C;
-# the checks before a run
+# a finished stage's grid; reading the data and the checks before a run
 
 
 def seeded_generator(*key, device="cpu"):
@@ -629,6 +630,30 @@ def mean_over_processes(loss, stop, world, device):
     return total_loss / world, stopping
 
 
+def describe_run(dataset, taxonomy, schedule, to_train):
+    """train.py's first line: the data (a long tail shows as a spread of counts) and the stages it will train."""
+    counts = torch.unique(dataset.ids, dim=0, return_counts=True)[1]  # images of each lineage
+    spread = f" ({counts.min()} to {counts.max()} images each)" if counts.min() < counts.max() else ""
+    stages = " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})" for r, n, c in to_train)
+    return f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species{spread}; schedule {schedule}: " + stages
+
+
+@contextlib.contextmanager
+def run_guard():
+    """Around train.py's run: the signal handlers it found are put back and the process group (torchrun, also
+    with one process) ended however it ends, and a checkpoint that cannot be read or written ends in one line."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def catch_stop_signals():
     """Ctrl-C (SIGINT) and SIGTERM (preemption) only note the signal; the loop saves and stops after its step.
 
@@ -642,6 +667,61 @@ def catch_stop_signals():
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, note)
     return seen
+
+
+def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
+    """Draw the stage's grid with its EMA weights, then make out/<level>.pt the stage's result."""
+    if rank == 0:
+        t1, name = time.time(), RANKS[stage.level]
+        # one row per taxon of this rank, EMA weights, the same noise in every row (so columns compare)
+        taxa = range(1, len(taxonomy.vocab[stage.level]))
+        C, size = stage.model.unet.cfg.in_channels, stage.model.unet.cfg.image_size  # pixels, or latents
+        x_T = torch.randn((cfg.grid_cols, C, size, size), generator=torch.Generator(cfg.device).manual_seed(cfg.seed),
+                          device=cfg.device)
+        rows = torch.tensor([taxonomy.ancestors(stage.level, i) for i in taxa], device=cfg.device)  # (taxa, R)
+        images = sample_rows(diffusion, stage.ema.eval(), rows, x_T, cfg.guidance, cfg.guide_from, plan[0],
+                             steps=cfg.grid_steps, sampler=cfg.grid_sampler, rows_per_call=max(1, 64 // cfg.grid_cols),
+                             autoencoder=stage.autoencoder)  # decoded on latents
+        save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
+                  labels=[taxonomy.vocab[stage.level][i] for i in taxa])
+        os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read
+        msg = (f"stage {name} done: {train_time:.0f} s training "
+               f"({(stage.steps - stage.start) * cfg.batch_size / max(train_time, 1e-6):.1f} img/s), "
+               f"{time.time() - t1:.0f} s grid -> {stage.path}, {os.path.join(cfg.out, name + '.png')}")
+        print(msg)
+        log.write(msg + "\n")
+    if world > 1:
+        dist.barrier()  # the next stage reads out/<level>.pt in every process
+
+
+def read_data(cfg, rank=0, world=1):
+    """train.py's images, lineages and found taxonomy, or one line that names what is wrong with the data.
+    With several processes, process 0 decodes the images into the cache in out/ first and the others then
+    read it (two processes writing one cache would race)."""
+    try:
+        if rank > 0:
+            dist.barrier()
+        images, lineages, wheres = load_data(
+            cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
+            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
+        if rank == 0 and world > 1:
+            dist.barrier()
+        found, lineages = build_taxonomy(lineages, wheres, keep_first=cfg.conflicts == "keep-first")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    return images, lineages, found
+
+
+def skipped_ranks_note(found, plan, first_level, level):
+    """Why a rank between first_level and level gets no stage (train.stage_plan), or None if every one does."""
+    skipped = [r for r in range(RANKS.index(first_level), RANKS.index(level) + 1) if r not in plan]
+    if not skipped:
+        return None
+    why = {"no more taxa in the data than a coarser rank: nothing new to split": [r for r in skipped if found.size(r)],
+           "the data names none": [r for r in skipped if not found.size(r)]}
+    return ("note: no stage for " + ", ".join(f"{', '.join(RANKS[r] for r in ranks)} ({reason})"
+                                            for reason, ranks in why.items() if ranks)
+            + "; training " + " -> ".join(RANKS[r] for r in plan))
 
 
 def check_run(cfg, world):
@@ -1150,6 +1230,24 @@ def downsampling_factor(text):
     if text not in ("2", "4", "8"):
         raise argparse.ArgumentTypeError(f"must be 2, 4 or 8 (got '{text}')")
     return int(text)
+
+
+def check_flag_pairs(cfg, error):
+    """train.py's values that only fail together: each pair ends in argparse's one line, error(message)."""
+    if cfg.latent:  # the UNet halves the latent, which is the image divided by f
+        if cfg.image_size % (cfg.latent_f * size_multiple(cfg.size)):
+            error(f"argument --image-size: must be a multiple of {cfg.latent_f * size_multiple(cfg.size)} for "
+                  f"--latent-f {cfg.latent_f} and --size {cfg.size} (got {cfg.image_size})")
+        if cfg.ae_crop % cfg.latent_f:  # a crop is a whole number of latent positions
+            error(f"argument --ae-crop: must be a multiple of --latent-f {cfg.latent_f} (got {cfg.ae_crop})")
+    elif cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
+        error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
+              f"(got {cfg.image_size})")
+    if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):
+        error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
+    if cfg.p_uncond + cfg.p_cut > 1:
+        error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
+              f"as both are shares of one random draw (got {cfg.p_cut:g})")
 
 
 def size_multiple(size):

@@ -38,18 +38,17 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
-                   condition_dropout, cut_lineage, free_flags, read_checkpoint, run_header, sample_rows, save_grid,
-                   to_device, update_ema)
-from model import (catch_stop_signals, check_run, mean_over_processes, save_resumable, set_rng_states, stage_batches,
-                   start_processes, step_randomness, wrap_model)
+                   condition_dropout, cut_lineage, free_flags, read_checkpoint, run_header, to_device, update_ema)
+from model import (catch_stop_signals, check_run, describe_run, finish_stage, mean_over_processes, read_data, run_guard,
+                   save_resumable, set_rng_states, skipped_ranks_note, stage_batches, start_processes, step_randomness,
+                   wrap_model)
 from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset
-from model import (config_parser, device_name, downsampling_factor, finite_float, fraction, input_path, nonneg_int,
-                   output_path, per_species, positive_float, positive_int, positive_int_list, size_multiple)
-from taxonomy import FORMATS, RANKS, DataError, TaxonDataset, Taxonomy, build_taxonomy, load_data
+from model import (check_flag_pairs, config_parser, device_name, downsampling_factor, finite_float, fraction,
+                   input_path, nonneg_int, output_path, per_species, positive_float, positive_int, positive_int_list)
+from taxonomy import FORMATS, RANKS, TaxonDataset, Taxonomy
 from unet import SIZES, UNetConfig
 
 @dataclass
@@ -120,8 +119,6 @@ def stage_plan(taxonomy, first_level, level):
     first, last = RANKS.index(first_level), RANKS.index(level)
     while taxonomy.size(first) == 0 and first < last:  # data that starts below first_level (e.g. at order)
         first += 1
-    if last < first:
-        raise SystemExit(f"error: --level {level} is coarser than the first stage --first-level {first_level}")
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]
 
 
@@ -295,18 +292,12 @@ def flat_lineage(lineage):
 
 def main(cfg):
     rank, world, cfg = start_processes(cfg)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with run_guard():  # on the way out: signal handlers put back, processes parted, a bad checkpoint in one line
         check_run(cfg, world)
         dataset, taxonomy, plan = load_dataset(cfg, rank, world)
         to_train = schedule_stages(cfg, plan)
         if rank == 0:
-            counts = torch.unique(dataset.ids, dim=0, return_counts=True)[1]  # images of each lineage: a long tail?
-            spread = f" ({counts.min()} to {counts.max()} images each)" if counts.min() < counts.max() else ""
-            print(f"data: {len(dataset)} images, {taxonomy.size(len(RANKS) - 1)} species{spread}; "
-                  f"schedule {cfg.schedule}: "
-                  + " -> ".join(f"{RANKS[r]} ({n} steps{f', the last {c} cooling down' if c else ''})"
-                                for r, n, c in to_train))
+            print(describe_run(dataset, taxonomy, cfg.schedule, to_train))
         stop = catch_stop_signals()
         prev_path, autoencoder = None, None
         with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
@@ -328,80 +319,23 @@ def main(cfg):
                     if signum := train_stage(cfg, stage, plan, dataset, taxonomy, log, rank, world, stop):
                         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
                 prev_path = path
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if dist.is_initialized():  # also under torchrun with one process
-            dist.destroy_process_group()
 
 
 def load_dataset(cfg, rank=0, world=1):
-    """The images, the taxonomy (built once) and the plan of stage ranks; bad data ends here, in one line,
-    before any checkpoint is touched. With several processes, process 0 decodes the images into the cache in
-    out/ first and the others then read it (two processes writing one cache would race)."""
-    try:
-        if rank > 0:
-            dist.barrier()
-        images, lineages, wheres = load_data(
-            cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
-            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
-        if rank == 0 and world > 1:
-            dist.barrier()
-        found, lineages = build_taxonomy(lineages, wheres, keep_first=cfg.conflicts == "keep-first")
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
+    """The images, the taxonomy and the plan of stage ranks (read_data ends bad data in one line, before
+    any checkpoint is touched). The flat baseline keeps only each image's leaf name."""
+    images, lineages, found = read_data(cfg, rank, world)
     plan = stage_plan(found, cfg.first_level, cfg.level)  # from the full hierarchy, also for flat: the same steps
-    skipped = [r for r in range(RANKS.index(cfg.first_level), RANKS.index(cfg.level) + 1) if r not in plan]
-    if skipped and rank == 0:  # a rank asked for gets no stage: say why before any training
-        why = {"no more taxa in the data than a coarser rank: nothing new to split":
-               [r for r in skipped if found.size(r)], "the data names none": [r for r in skipped if not found.size(r)]}
-        print("note: no stage for " + ", ".join(f"{', '.join(RANKS[r] for r in ranks)} ({reason})"
-                                               for reason, ranks in why.items() if ranks)
-              + "; training " + " -> ".join(RANKS[r] for r in plan))
+    if rank == 0 and (note := skipped_ranks_note(found, plan, cfg.first_level, cfg.level)):
+        print(note)  # a rank asked for that gets no stage: said before any training
+    if len(images) < cfg.batch_size:
+        raise SystemExit(f"error: {cfg.data} has {len(images)} images, fewer than --batch-size {cfg.batch_size}")
     if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
         lineages = [flat_lineage(lin) for lin in lineages]
         found = Taxonomy(lineages)
     # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
     taxonomy = Taxonomy(found.lineages())
-    dataset = TaxonDataset(images, lineages, taxonomy, flip=False)  # the loop flips, with its own generator
-    if len(dataset) < cfg.batch_size:
-        raise SystemExit(f"error: {cfg.data} has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}")
-    return dataset, taxonomy, plan
-
-
-# =============================================================================
-# Appendix: the plumbing a first read skips. A stage's grid, the command line. (What a checkpoint
-# records and the checks before a run, resumable randomness, torchrun and Ctrl-C: model.py's appendix.)
-
-# -----------------------------------------------------------------------------
-# After each stage: its grid, and out/<level>.pt
-
-
-def finish_stage(cfg, stage, diffusion, taxonomy, plan, train_time, log, rank, world):
-    """Draw the stage's grid with its EMA weights, then make out/<level>.pt the stage's result."""
-    if rank == 0:
-        t1, name = time.time(), RANKS[stage.level]
-        # one row per taxon of this rank, EMA weights, the same noise in every row (so columns compare)
-        taxa = range(1, len(taxonomy.vocab[stage.level]))
-        C, size = stage.model.unet.cfg.in_channels, stage.model.unet.cfg.image_size  # pixels, or latents
-        x_T = torch.randn((cfg.grid_cols, C, size, size), generator=torch.Generator(cfg.device).manual_seed(cfg.seed),
-                          device=cfg.device)
-        rows = torch.tensor([taxonomy.ancestors(stage.level, i) for i in taxa], device=cfg.device)  # (taxa, R)
-        images = sample_rows(diffusion, stage.ema.eval(), rows, x_T, cfg.guidance, cfg.guide_from, plan[0],
-                             steps=cfg.grid_steps, sampler=cfg.grid_sampler, rows_per_call=max(1, 64 // cfg.grid_cols),
-                             autoencoder=stage.autoencoder)  # decoded on latents
-        save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
-                  labels=[taxonomy.vocab[stage.level][i] for i in taxa])
-        os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read
-        msg = (f"stage {name} done: {train_time:.0f} s training "
-               f"({(stage.steps - stage.start) * cfg.batch_size / max(train_time, 1e-6):.1f} img/s), "
-               f"{time.time() - t1:.0f} s grid -> {stage.path}, {os.path.join(cfg.out, name + '.png')}")
-        print(msg)
-        log.write(msg + "\n")
-    if world > 1:
-        dist.barrier()  # the next stage reads out/<level>.pt in every process
+    return TaxonDataset(images, lineages, taxonomy, flip=False), taxonomy, plan  # the loop flips, with its own generator
 
 
 # -----------------------------------------------------------------------------
@@ -428,23 +362,10 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The TrainConfig of a command line; values that only fail together end here too, in argparse's one line."""
+    """The TrainConfig of a command line, its values checked one by one and then together (check_flag_pairs)."""
     parser = build_parser()
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    if cfg.latent:  # the UNet halves the latent, which is the image divided by f
-        if cfg.image_size % (cfg.latent_f * size_multiple(cfg.size)):
-            parser.error(f"argument --image-size: must be a multiple of {cfg.latent_f * size_multiple(cfg.size)} for "
-                         f"--latent-f {cfg.latent_f} and --size {cfg.size} (got {cfg.image_size})")
-        if cfg.ae_crop % cfg.latent_f:  # a crop is a whole number of latent positions
-            parser.error(f"argument --ae-crop: must be a multiple of --latent-f {cfg.latent_f} (got {cfg.ae_crop})")
-    elif cfg.image_size % size_multiple(cfg.size):  # the UNet halves the image, then doubles it back
-        parser.error(f"argument --image-size: must be a multiple of {size_multiple(cfg.size)} for --size {cfg.size} "
-                     f"(got {cfg.image_size})")
-    if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):
-        parser.error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
-    if cfg.p_uncond + cfg.p_cut > 1:
-        parser.error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
-                     f"as both are shares of one random draw (got {cfg.p_cut:g})")
+    check_flag_pairs(cfg, parser.error)
     return cfg
 
 

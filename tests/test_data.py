@@ -217,7 +217,7 @@ def test_with_several_processes_process_0_decodes_and_the_others_read_its_cache(
     cfg = train.TrainConfig(data=str(root), image_size=8, out=str(tmp_path / "out"), level="order", workers=0,
                             batch_size=4)
     events = []
-    monkeypatch.setattr(train.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
     decode = taxonomy.load_image
     monkeypatch.setattr(taxonomy, "load_image", lambda *a: events.append("decode") or decode(*a))
     train.load_dataset(cfg, rank=0, world=2)

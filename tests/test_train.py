@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import model
 import train
 from model import build_model, by_name, load_checkpoint
 from taxonomy import Taxonomy
@@ -120,6 +121,7 @@ DDP_WORKER = """
 import hashlib, os, signal, sys
 import torch
 sys.path.insert(0, {root!r})
+import model
 import train
 
 hashes, update_ema = [], train.update_ema
@@ -199,7 +201,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 
 def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(train, "load_data", None)  # training would need the data first
+    monkeypatch.setattr(model, "load_data", None)  # training would need the data first
     with pytest.raises(SystemExit, match=r"^error: cannot write to --out .*/file/out: "):
         train.main(replace(TINY, out=str(tmp_path / "file" / "out")))
 

@@ -117,6 +117,8 @@ SCHEDULES = ("progressive", "all", "random", "flat")
 def stage_plan(taxonomy, first_level, level):
     """Ranks to train, coarse to fine: first_level, then every finer rank that splits a taxon, down to level."""
     first, last = RANKS.index(first_level), RANKS.index(level)
+    if last < first:  # the command line refuses it too (check_flag_pairs); a TrainConfig built in Python may not
+        raise SystemExit(f"error: --level {level} is coarser than the first stage --first-level {first_level}")
     while taxonomy.size(first) == 0 and first < last:  # data that starts below first_level (e.g. at order)
         first += 1
     return [first] + [r for r in taxonomy.stage_ranks() if first < r <= last]

@@ -37,6 +37,14 @@ def test_bad_stage_steps_is_one_line(capsys):
                         "200,200,600 (got '300,x') (see --help)\n")
 
 
+def test_stage_plan_from_the_first_level_down_and_refuses_a_level_above_it():
+    toy = Taxonomy([lineage for lineage, _ in toy_species()])
+    assert train.stage_plan(toy, "class", "species") == [2, 3, 4, 5, 6]  # kingdom and phylum fold into class
+    assert train.stage_plan(toy, "class", "family") == [2, 3, 4]
+    with pytest.raises(SystemExit, match="^error: --level class is coarser than the first stage --first-level order$"):
+        train.stage_plan(toy, "order", "class")  # a TrainConfig built in Python skips the parser's check
+
+
 def test_flat_lineage_keeps_the_leaf_alone():
     lineage = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
     assert train.flat_lineage(lineage) == (None,) * 6 + ("Corvus corax",)

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from taxonomy import RANKS, DataError, build_taxonomy, load_data, normalize, species_counts
+from taxonomy import FORMATS, RANKS, DataError, build_taxonomy, load_data, normalize, species_counts
 from unet import SIZES, Autoencoder, AutoencoderConfig, UNet, UNetConfig, autoencoder_loss
 
 # -----------------------------------------------------------------------------
@@ -1230,6 +1230,24 @@ def downsampling_factor(text):
     if text not in ("2", "4", "8"):
         raise argparse.ArgumentTypeError(f"must be 2, 4 or 8 (got '{text}')")
     return int(text)
+
+
+SCHEDULES = ("progressive", "all", "random", "flat")  # train.py --schedule
+# What each train.py flag may take: a type function of this section or a tuple of choices (config_parser).
+TRAIN_FLAG_CHECKS = {
+    "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
+    "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
+    "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
+    "grid_sampler": ("ddim", "ddpm", "dpm++"),
+    "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,
+    "ae_edge_loss": ("gradient", "ssim", "fft", "none"), "latent_channels": positive_int, "ae_steps": positive_int,
+    "ae_batch_size": positive_int, "ae_crop": nonneg_int, "ae_lr": positive_float,
+    "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list, "steps": nonneg_int,
+    "batch_size": positive_int, "lr": positive_float, "embed_lr_mult": positive_float, "warmup": positive_int,
+    "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
+    "per_species": per_species, "image_root": input_path, "boxes": input_path, "seed": nonneg_int,
+    "device": device_name, "out": output_path, "workers": nonneg_int, "save_every": nonneg_int,
+    "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int}
 
 
 def check_flag_pairs(cfg, error):

@@ -46,10 +46,9 @@ from model import (catch_stop_signals, check_run, describe_run, finish_stage, me
                    save_resumable, set_rng_states, skipped_ranks_note, stage_batches, start_processes, step_randomness,
                    wrap_model)
 from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset
-from model import (check_flag_pairs, config_parser, device_name, downsampling_factor, finite_float, fraction,
-                   input_path, nonneg_int, output_path, per_species, positive_float, positive_int, positive_int_list)
-from taxonomy import FORMATS, RANKS, TaxonDataset, Taxonomy
-from unet import SIZES, UNetConfig
+from model import TRAIN_FLAG_CHECKS, check_flag_pairs, config_parser
+from taxonomy import RANKS, TaxonDataset, Taxonomy
+from unet import UNetConfig
 
 @dataclass
 class TrainConfig:
@@ -109,9 +108,6 @@ class TrainConfig:
 
     def __post_init__(self):
         self.per_species = str(self.per_species)  # 64 and "64" are one run (checkpoints compare the two)
-
-
-SCHEDULES = ("progressive", "all", "random", "flat")
 
 
 def stage_plan(taxonomy, first_level, level):
@@ -346,21 +342,8 @@ def load_dataset(cfg, rank=0, world=1):
 
 def build_parser():
     """Every TrainConfig field is a flag (--batch-size 64, --level species, ...), its help the field's comment;
-    the values each may take are checked as it is parsed (model.py, "Command-line values")."""
-    return config_parser(TrainConfig, __doc__, {
-        "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
-        "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
-        "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
-        "grid_sampler": ("ddim", "ddpm", "dpm++"),
-        "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,
-        "ae_edge_loss": ("gradient", "ssim", "fft", "none"), "latent_channels": positive_int, "ae_steps": positive_int,
-        "ae_batch_size": positive_int, "ae_crop": nonneg_int, "ae_lr": positive_float,
-        "p_uncond": fraction, "p_cut": fraction, "stage_steps": positive_int_list, "steps": nonneg_int,
-        "batch_size": positive_int, "lr": positive_float, "embed_lr_mult": positive_float, "warmup": positive_int,
-        "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
-        "per_species": per_species, "image_root": input_path, "boxes": input_path, "seed": nonneg_int,
-        "device": device_name, "out": output_path, "workers": nonneg_int, "save_every": nonneg_int,
-        "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int})
+    the values each may take are checked as it is parsed (model.py's TRAIN_FLAG_CHECKS)."""
+    return config_parser(TrainConfig, __doc__, TRAIN_FLAG_CHECKS)
 
 
 def parse_args(argv=None):

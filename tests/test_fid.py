@@ -29,16 +29,21 @@ def private_cache(tmp_path, monkeypatch):
 # The Frechet distance and KID
 
 
-def test_frechet_distance_closed_forms():
-    d = 2048
-    assert fid.frechet_distance(np.zeros(d), np.eye(d), np.ones(d), np.eye(d)) == pytest.approx(2048, abs=1e-6)
+# The eigenvalue form (fid.py's) and pytorch-fid's scipy sqrtm (the reference) pass the same properties.
+FRECHET = [fid.frechet_distance, fid.frechet_distance_sqrtm]
+
+
+@pytest.mark.parametrize("frechet", FRECHET)
+def test_frechet_distance_closed_forms(frechet):
+    d = 512  # Inception's 2048 costs seconds here and catches nothing more
+    assert frechet(np.zeros(d), np.eye(d), np.ones(d), np.eye(d)) == pytest.approx(d, abs=1e-6)
     a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
     expected = ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # diagonal covariances: sum (sqrt a - sqrt b)^2
-    assert fid.frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b)) == pytest.approx(expected)
+    assert frechet(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b)) == pytest.approx(expected)
 
 
-
-def test_frechet_distance_with_covariances_that_do_not_commute():
+@pytest.mark.parametrize("frechet", FRECHET)
+def test_frechet_distance_with_covariances_that_do_not_commute(frechet):
     # For 2 x 2 covariances, tr sqrt(S1 S2) has a closed form without any matrix root: S1 S2 has the eigenvalues
     # of S1^(1/2) S2 S1^(1/2) (positive), and (sqrt l1 + sqrt l2)^2 = tr(S1 S2) + 2 sqrt(det S1 det S2).
     # Rotated ellipses do not commute, so sqrtm(S1) @ sqrtm(S2) in place of sqrtm(S1 @ S2) gives another number.
@@ -51,36 +56,37 @@ def test_frechet_distance_with_covariances_that_do_not_commute():
     m1, m2 = np.array([0.5, -1.0]), np.array([2.0, 0.0])
     tr_root = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
     expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
-    assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
 
-def test_frechet_distance_self_symmetry_and_scale():
+
+@pytest.mark.parametrize("frechet", FRECHET)
+def test_frechet_distance_self_symmetry_and_scale(frechet):
     rng = np.random.default_rng(0)
     f1, f2 = rng.normal(size=(300, 16)), rng.normal(0.3, 1.5, size=(300, 16))
     s1, s2 = fid.statistics(f1), fid.statistics(f2)
-    assert fid.frechet_distance(*s1, *s1) == pytest.approx(0, abs=1e-6)
-    d12 = fid.frechet_distance(*s1, *s2)
-    assert d12 > 1 and fid.frechet_distance(*s2, *s1) == pytest.approx(d12, rel=1e-9)
+    assert frechet(*s1, *s1) == pytest.approx(0, abs=1e-6)
+    d12 = frechet(*s1, *s2)
+    assert d12 > 1 and frechet(*s2, *s1) == pytest.approx(d12, rel=1e-9)
     c = 3.0
-    assert fid.frechet_distance(*fid.statistics(c * f1), *fid.statistics(c * f2)) == pytest.approx(c ** 2 * d12)
+    assert frechet(*fid.statistics(c * f1), *fid.statistics(c * f2)) == pytest.approx(c ** 2 * d12)
 
 
-def test_frechet_distance_singular_covariances_fall_back():
-    # 10 points in 64 dimensions: both covariances are singular, the root is still real to rounding
-    rng = np.random.default_rng(1)
-    f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))
-    (m1, s1), (m2, s2) = fid.statistics(f1), fid.statistics(f2)
-    # tr sqrt(S1 S2) by another road: the eigenvalues of S1^(1/2) S2 S1^(1/2), symmetric, so eigh copes with rank 9
-    w, v = np.linalg.eigh(s1)
-    root1 = v @ np.diag(np.sqrt(w.clip(min=0))) @ v.T
-    tr_root = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(min=0)).sum()
-    expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_root
-    assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-4)
+@pytest.mark.parametrize("n, d", [(400, 96), (10, 64), (48, 256)])  # full rank, then singular (fewer images than d)
+def test_eigenvalue_form_matches_the_scipy_sqrtm_reference(n, d):
+    # Non-commuting, correlated features (a random mixing, then ReLU, as Inception's pool3 is)
+    rng = np.random.default_rng(n)
+    f1 = np.maximum(rng.normal(size=(n, d)) @ rng.normal(size=(d, d)), 0)
+    f2 = np.maximum(rng.normal(0.2, 1.0, size=(n, d)) @ rng.normal(size=(d, d)), 0)
+    s1, s2 = fid.statistics(f1), fid.statistics(f2)
+    # singular: the reference may have added eps * I before its root (pytorch-fid's retry), which moves it a little
+    rel = 1e-9 if n > d else 1e-5
+    assert fid.frechet_distance(*s1, *s2) == pytest.approx(fid.frechet_distance_sqrtm(*s1, *s2), rel=rel)
 
 
-def test_frechet_distance_retries_a_complex_root_with_an_offset(monkeypatch):
+def test_the_reference_retries_a_complex_root_with_an_offset(monkeypatch):
     # 48 images in 256 dimensions: scipy's first root can have an imaginary part of ~1e-2 (whether it
     # does depends on the BLAS and its threads), which pytorch-fid would reject; the first root is
-    # refused here in any case, and the eps retry agrees with the eigenvalue formula (torchmetrics')
+    # refused here in any case, and the eps retry agrees with the eigenvalues of S1 S2 (torchmetrics' form)
     rng = np.random.default_rng(1)
     f1 = np.maximum(rng.normal(size=(48, 256)) @ rng.normal(size=(256, 256)) * 3, 0)
     f2 = np.maximum(rng.normal(size=(48, 256)) @ rng.normal(size=(256, 256)) * 3, 0)
@@ -89,14 +95,19 @@ def test_frechet_distance_retries_a_complex_root_with_an_offset(monkeypatch):
     monkeypatch.setattr(fid, "sqrtm_real", lambda a: calls.append(a) or (real_sqrtm(a) if len(calls) > 1 else None))
     eig = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
     expected = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * eig
-    assert fid.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
+    assert fid.frechet_distance_sqrtm(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
     assert len(calls) == 2  # the first root, refused, and the retry with eps on the diagonal
 
 
-def test_frechet_distance_rejects_broken_statistics():
-    bad = np.array([[1.0, 0.0], [0.0, -4.0]])  # a negative variance: no real square root
+@pytest.mark.parametrize("frechet", FRECHET)
+@pytest.mark.parametrize("bad", [[[1.0, 0.0], [0.0, -4.0]],  # a negative variance: no real square root
+                                 [[1.0, 2.0], [2.0, 1.0]],    # eigenvalues 3 and -1
+                                 [[1.0, 0.5], [0.0, 1.0]]])   # not symmetric
+def test_frechet_distance_rejects_broken_statistics(frechet, bad):
     with pytest.raises(ValueError, match="not valid covariances"):
-        fid.frechet_distance(np.zeros(2), bad, np.zeros(2), np.eye(2))
+        frechet(np.zeros(2), np.array(bad), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="different dimensions"):
+        frechet(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 
 def test_statistics_are_unbiased_float64():

@@ -86,34 +86,63 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         assert_same_weights(tmp_path / "straight" / f"{level}.pt", out / f"{level}.pt")
 
 
+# A process that has paid for the imports (torch, and torch._dynamo, which the first optimizer imports: ~8 s
+# together here) and then forks one train.py run per line it reads: each child is a fresh process running
+# train.main on the same command line, killed as cheaply as it starts. It prints the child's pid, and on
+# "wait" the child's exit status. (One torch thread: a fork is safe with no thread pool started.)
+FORK_SERVER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, torch._dynamo, train
+cfg = train.parse_args(sys.argv[1:])
+for line in sys.stdin:
+    if line.startswith("wait"):
+        print(os.waitstatus_to_exitcode(os.waitpid(int(line.split()[1]), 0)[1]), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:  # the child: train, quietly (stdout is the pipe to the test)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1), os.dup2(null, 2)
+        train.main(cfg)
+        os._exit(0)
+    print(pid, flush=True)
+"""
+
+
 def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
-    cfg = replace(TINY, steps=40, save_every=1)
+    cfg = replace(TINY, steps=24, save_every=1)
     train.main(replace(cfg, out=str(tmp_path / "straight")))
-    command = [sys.executable, os.path.join(ROOT, "train.py"), *flags(replace(cfg, out=str(tmp_path / "killed")))]
+    args = flags(replace(cfg, out=str(tmp_path / "killed")))
     last, tmp, done = (tmp_path / "killed" / name for name in ["class.last.pt", "class.last.pt.tmp", "class.pt"])
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER.format(root=ROOT), *args], env=ENV, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def stamp(path):
         return path.stat().st_mtime_ns if path.exists() else None
     rng, kills, mid_save, step = random.Random(0), 0, 0, 0
     while kills < 10 and not done.exists():
         last_seen, tmp_seen = stamp(last), stamp(tmp)
-        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.stdin.write("run\n"), server.stdin.flush()
+        pid = int(server.stdout.readline())
         aim_at_save = kills % 2 == 1  # every other kill lands while a checkpoint is being written
-        while proc.poll() is None and (stamp(tmp) in (None, tmp_seen) if aim_at_save else stamp(last) == last_seen):
+        while not done.exists() and (stamp(tmp) in (None, tmp_seen) if aim_at_save else stamp(last) == last_seen):
             time.sleep(0.0005)
         if not aim_at_save:
             time.sleep(rng.uniform(0, 0.2))  # a random moment after it has made progress
-        proc.send_signal(signal.SIGKILL)
-        if proc.wait() != -signal.SIGKILL:
+        os.kill(pid, signal.SIGKILL)
+        server.stdin.write(f"wait {pid}\n"), server.stdin.flush()
+        if int(server.stdout.readline()) != -signal.SIGKILL:
             break  # it finished first
         kills += 1
         mid_save += tmp.exists() and stamp(tmp) != tmp_seen
         latest = torch.load(done if done.exists() else last, weights_only=True)  # whole, and plain data
         assert latest["step"] >= step
         step = latest["step"]
+    server.stdin.close(), server.wait()
     print(f"{kills} kills, {mid_save} while saving, the last at step {step}")
     assert kills >= 10 and mid_save >= 1
-    subprocess.run(command, env=ENV, check=True, capture_output=True)
+    # the last resume is the real command line, in a process of its own
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=ENV, check=True, capture_output=True)
     assert_same_weights(tmp_path / "straight" / "class.pt", done)
 
 

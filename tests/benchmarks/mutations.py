@@ -80,7 +80,11 @@ MUTATIONS = [
     # --- the metrics (fid.py)
     ("fid-product-of-roots", "fid.py", "covmean = sqrtm_real(sigma1 @ sigma2)\n",
      "covmean = sqrtm_real(sigma1) @ sqrtm_real(sigma2)\n", [FID]),
-    ("fid-trace-without-2", "fid.py", "- 2 * np.trace(covmean))", "- np.trace(covmean))", [FID]),
+    ("fid-reference-trace-without-2", "fid.py", "- 2 * np.trace(covmean))", "- np.trace(covmean))", [FID]),
+    ("fid-trace-without-2", "fid.py", "- 2 * tr_covmean)", "- tr_covmean)", [FID]),
+    ("fid-eigenvalues-of-the-unsymmetric-product", "fid.py", "np.linalg.eigvalsh(root1 @ sigma2 @ root1)",
+     "np.linalg.eigvalsh(sigma1 @ sigma2)", [FID]),
+    ("fid-sigma-for-its-root", "fid.py", "root1 = (v * np.sqrt(w.clip(min=0))) @ v.T", "root1 = sigma1", [FID]),
 ]
 
 

@@ -33,7 +33,9 @@ says which class, order, family, genus and species it sees in a generated
 image, and we count how often that matches the lineage the image was
 conditioned on. Its penultimate features also give a "classifier Frechet
 distance", a FID-like number in a feature space that knows the toy traits
-(it is not FID and is never called that).
+(it is not FID and is never called that). On a long-tailed toy tree
+(train.py --per-species pairs:64/4 or zipf:64) the species accuracy of the
+rare and of the common species is printed apart: the paper's claim 2.
 
 A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt
 beside it, and its table has one more row: the second real set encoded and
@@ -58,7 +60,7 @@ from tqdm import tqdm
 from model import (Diffusion, DiffusionConfig, autoencoder_of, finest_checkpoint, guided_eps_fn, load_checkpoint,
                    to_pixels)
 from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
-from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, toy_dataset
+from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, species_counts, toy_dataset, toy_species
 
 # -----------------------------------------------------------------------------
 # Statistics and the two distances (the Inception features they take: see the appendix)
@@ -367,7 +369,7 @@ def evaluate_checkpoint(args):
           f"{args.steps} {args.sampler} steps, --mode {args.mode}")
 
     net = load_inception(args.inception, args.device)
-    rows = []  # (name, n, FID, KID, accuracies, classifier FD)
+    rows, tail = [], []  # (name, n, FID, KID, accuracies, classifier FD); (name, species right per image)
     if toy:
         clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
         real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
@@ -404,8 +406,12 @@ def evaluate_checkpoint(args):
             acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
         name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
         rows.append((name, len(images), feats, acc, cf))
+        if toy and RANKS[level] == "species":
+            tail.append((name, (pred[:, -1] == target[:, -1]).numpy()))
 
     print_table(rows, real_f, real_cf, None if real_f is not None else (real_mu, real_sigma))
+    if tail and (split := rare_and_common(ckpt["train_config"], [taxonomy.vocab[level][i] for i in ids[:, level]])):
+        print_long_tail(tail, *split)
 
 
 def print_table(rows, real_f, real_cf, real_stats=None):
@@ -426,6 +432,39 @@ def print_table(rows, real_f, real_cf, real_stats=None):
     print(f"\nFID and KID against {len(real_f) if real_f is not None else 'saved statistics of'} real images; "
           "accuracy = how often the taxon classifier names the conditioned taxon at each rank; "
           "classifier FD = Frechet distance on the classifier's 256-d features (not FID).")
+
+
+def rare_species(counts):
+    """Which species of a long-tailed tree are rare: fewer training images than the median species, or the
+    fewest when there are only two counts (pairs:64/4: the 4-image siblings). counts (S,) -> bool (S,)."""
+    counts = np.asarray(counts)
+    return counts < np.median(counts) if len(set(counts.tolist())) > 2 else counts == counts.min()
+
+
+def rare_and_common(train_config, species_names):
+    """On a long-tailed toy tree (train.py --per-species pairs:64/4 or zipf:64): which images show a rare species.
+
+    The counts are rebuilt from the run's --per-species and --seed, as train.py drew them. -> (rare mask over
+    the images, the rare species' training counts, the common ones'), or None on a balanced tree.
+    """
+    counts = species_counts(train_config.get("per_species", 64), train_config.get("seed", 0))
+    if len(set(counts)) == 1:
+        return None
+    rare = rare_species(counts)
+    rare_of = {lineage[-1]: r for (lineage, _), r in zip(toy_species(), rare)}
+    mask = np.array([rare_of[name] for name in species_names])
+    counts = np.array(counts)
+    return mask, sorted(set(counts[rare].tolist())), sorted(set(counts[~rare].tolist()))
+
+
+def print_long_tail(tail, rare, rare_counts, common_counts):
+    """Species accuracy of the rare and the common species apart, one line per guidance row."""
+    def span(c):
+        return f"{c[0]}" if len(c) == 1 else f"{c[0]}-{c[-1]}"
+    print(f"\nLong-tailed tree: species accuracy of the rare species ({span(rare_counts)} training images each; "
+          f"{rare.sum()} images drawn) and of the common ones ({span(common_counts)}; {(~rare).sum()} drawn):")
+    for name, right in tail:
+        print(f"  {name}: rare {right[rare].mean():.1%}, common {right[~rare].mean():.1%}")
 
 
 def compare_sets(args):

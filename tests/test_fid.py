@@ -11,7 +11,7 @@ from PIL import Image
 
 import fid
 from model import DiffusionConfig, TaxaDiffusion
-from taxonomy import Taxonomy, toy_dataset
+from taxonomy import Taxonomy, species_counts, toy_dataset, toy_species
 from unet import SIZES, UNetConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -320,6 +320,53 @@ def test_taxon_classifier_names_held_out_toy_species():
     acc = (pred == fid.rank_targets(taxonomy, lineages)).float().mean(0)  # class, order, family, genus, species
     assert feats.shape == (480, 256)
     assert (acc >= 0.99).all(), dict(zip(fid.EVAL_RANKS, acc.tolist()))
+
+
+def test_rare_and_common_species_of_a_long_tailed_tree():
+    names = [lineage[-1] for lineage, _ in toy_species()]
+    assert fid.rare_and_common({"per_species": "64", "seed": 0}, names) is None  # balanced: nothing to split
+    rare, rare_counts, common_counts = fid.rare_and_common({"per_species": "pairs:64/4", "seed": 5}, names)
+    assert (rare_counts, common_counts) == ([4], [64])
+    assert rare.tolist() == [c == 4 for c in species_counts("pairs:64/4", 5)]
+    assert rare.reshape(-1, 2).sum(1).tolist() == [1] * 24  # one rare sibling in every genus
+    rare, rare_counts, common_counts = fid.rare_and_common({"per_species": "zipf:64", "seed": 0}, names)
+    assert 20 <= rare.sum() <= 24 and max(rare_counts) < min(common_counts)  # below the median: the rarer half
+
+
+def test_long_tailed_checkpoint_reports_rare_and_common_species(tmp_path, monkeypatch, capsys):
+    """fid.py on a species checkpoint of a pairs:64/4 tree: one line per guidance row, rare and common apart,
+    and the two (equal numbers of images) average to the table's species column."""
+    images, lineages = toy_dataset(1, 16, 0)
+    taxonomy = Taxonomy(lineages)
+    vocab_sizes = [len(v) for v in taxonomy.vocab]
+    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
+    torch.save({"ema": TaxaDiffusion(ucfg, vocab_sizes).state_dict(), "unet_config": asdict(ucfg),
+                "diffusion_config": asdict(DiffusionConfig()), "vocab_sizes": vocab_sizes,
+                "lineages": taxonomy.lineages(), "level": "species", "stages": ["class", "species"],
+                "train_config": {"data": "toy", "per_species": "pairs:64/4", "seed": 3}}, tmp_path / "species.pt")
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
+                                                                                  torch.nn.Flatten()))
+    clf = fid.TaxonClassifier(vocab_sizes, 16).eval()
+    monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
+    # a classifier that names the species right on the rare species' images only: rare 100 %, common 0 %
+    rare_names = {lineage[-1] for (lineage, _), c in zip(toy_species(), species_counts("pairs:64/4", 3)) if c == 4}
+    real_classify = fid.classify
+
+    def classify(model, imgs, *a):
+        feats, pred = real_classify(model, imgs, *a)
+        if len(imgs) == 96:  # the generated images: 48 species x 2, in the vocabulary's order
+            species = [taxonomy.vocab[-1][i] for i in range(1, 49) for _ in range(2)]
+            right = torch.tensor([taxonomy.vocab[-1].index(n) for n in species])
+            pred[:, -1] = torch.where(torch.tensor([n in rare_names for n in species]), right, 0)
+        return feats, pred
+    monkeypatch.setattr(fid, "classify", classify)
+    fid.main(fid.parse_args([str(tmp_path / "species.pt"), "--n-per-taxon", "2", "--steps", "2", "--guidance", "1",
+                             "3", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "rare species (4 training images each; 48 images drawn) and of the common ones (64; 48 drawn)" in out
+    assert "  no guidance: rare 100.0%, common 0.0%" in out and "  guidance 3 (null): rare 100.0%, common 0.0%" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| no guidance")]
+    assert rows[0][8] == "50.0%"  # the species column: both halves together
 
 
 def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):

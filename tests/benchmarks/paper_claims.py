@@ -279,8 +279,7 @@ def rare_common(result, scores):
     counts, right = result.get("train_counts"), scores.get("per_species")
     if not counts or not right or len(set(counts)) == 1:
         return {}
-    counts, right = np.array(counts), np.array(right)
-    rare = counts < np.median(counts) if len(set(counts)) > 2 else counts == counts.min()
+    rare, right = fid.rare_species(counts), np.array(right)
     return {"rare": float(right[rare].mean()), "common": float(right[~rare].mean())}
 
 

@@ -103,8 +103,12 @@ for line in sys.stdin:
     if pid == 0:  # the child: train, quietly (stdout is the pipe to the test)
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1), os.dup2(null, 2)
-        train.main(cfg)
-        os._exit(0)
+        code = 1
+        try:
+            train.main(cfg)
+            code = 0
+        finally:  # never back into this loop: a failed run exits 1, and the test sees it
+            os._exit(code)
     print(pid, flush=True)
 """
 

@@ -79,7 +79,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     same eigenvalues as the symmetric S = Sigma1^(1/2) Sigma2 Sigma1^(1/2)
     (AB and BA share them, with A = Sigma1^(1/2), B = A Sigma2), all >= 0, so
     Tr (Sigma1 Sigma2)^(1/2) = sum_i sqrt(lambda_i(S)): two symmetric
-    eigendecompositions, about 6x faster than scipy's general sqrtm at d = 2048,
+    eigendecompositions, about 5x faster than scipy's general sqrtm at d = 2048,
     and exact for the singular covariances of fewer images than dimensions
     (rounding's tiny negative eigenvalues are clipped to 0). torchmetrics takes
     the same trace from the eigenvalues of Sigma1 Sigma2 itself; pytorch-fid's

@@ -122,7 +122,7 @@ def condition_dropout(ids, p_uncond, p_cut, generator=None, u=None):
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000  # T
-    schedule: str = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
+    schedule: str = "linear"  # "linear" (Ho et al.), "cosine" (Nichol & Dhariwal) or "scaled-linear" (LDM's, for latents)
     prediction: str = "v"  # what the network outputs: "eps", or "v" turned into eps by Diffusion.eps
 
 
@@ -139,8 +139,13 @@ class Diffusion(nn.Module):
             s = 0.008
             f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
             beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        elif cfg.schedule == "scaled-linear":
+            # latent diffusion's (and Stable Diffusion's): sqrt(beta) rises linearly from sqrt(0.00085) to
+            # sqrt(0.012): much less noise than Ho's above t = 100 (alpha_bar 0.28 against 0.08 at t = 500,
+            # 0.0047 at T), for small, dense latents
+            beta = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
         else:
-            raise ValueError(f"unknown schedule '{cfg.schedule}' (use 'linear' or 'cosine')")
+            raise ValueError(f"unknown schedule '{cfg.schedule}' (use 'linear', 'cosine' or 'scaled-linear')")
         self.T = T
         if cfg.prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction '{cfg.prediction}' (use 'eps' or 'v')")
@@ -416,12 +421,13 @@ def check_checkpoint(ckpt, path, header, free, resuming):
         flag = "--" + k.replace("_", "-")
         if k in free:
             continue
-        if k not in ckpt["train_config"]:  # written by a train.py that had no such flag
+        theirs = ckpt["train_config"].get(k, ADDED_FLAGS.get(k, MISSING))  # an older train.py had no such flag
+        if theirs is MISSING:
             raise CheckpointError(f"{path} was written before {flag} existed, so this train.py cannot resume or "
                                   f"reuse it; delete it to train this stage again, or finish it with the train.py "
                                   f"that wrote it")
-        if ckpt["train_config"][k] != v:
-            raise CheckpointError(f"{path} was trained with {flag} {ckpt['train_config'][k]}, this run has "
+        if theirs != v:
+            raise CheckpointError(f"{path} was trained with {flag} {theirs}, this run has "
                                   f"{flag} {v}; {fix}")
     for what in ("unet_config", "diffusion_config"):
         for k, v in header[what].items():
@@ -431,6 +437,11 @@ def check_checkpoint(ckpt, path, header, free, resuming):
         raise CheckpointError(f"{path} numbers the taxa in another order than the data lists them; "
                               "delete it to train this stage again")
 
+
+# Flags added after checkpoints were first written, with the value every train.py before them used:
+# a checkpoint without the flag was trained that way, so a run with that value may resume or reuse it.
+ADDED_FLAGS = {"noise_schedule": "linear"}
+MISSING = object()
 
 # Flags a stage may change when it resumes or is reused: where it runs, how often it saves, its grids and the
 # arithmetic (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match.
@@ -443,7 +454,7 @@ def network_configs(cfg):
     On latents the UNet sees (latent_channels, image_size / f, image_size / f) instead of (3, image_size, image_size)."""
     channels, size = (cfg.latent_channels, cfg.image_size // cfg.latent_f) if cfg.latent else (3, cfg.image_size)
     return (UNetConfig(in_channels=channels, image_size=size, attention_impl=cfg.attention, **SIZES[cfg.size]),
-            DiffusionConfig())
+            DiffusionConfig(schedule=cfg.noise_schedule))
 
 
 def run_header(cfg, taxonomy, plan, autoencoder=None):
@@ -1236,7 +1247,8 @@ SCHEDULES = ("progressive", "all", "random", "flat")  # train.py --schedule
 # What each train.py flag may take: a type function of this section or a tuple of choices (config_parser).
 TRAIN_FLAG_CHECKS = {
     "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
-    "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"), "size": tuple(SIZES), "format": FORMATS,
+    "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"),
+    "noise_schedule": ("linear", "cosine", "scaled-linear"), "size": tuple(SIZES), "format": FORMATS,
     "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
     "grid_sampler": ("ddim", "ddpm", "dpm++"),
     "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,

@@ -61,6 +61,7 @@ class TrainConfig:
     freeze: str = "none"  # what a later progressive stage trains: none = all, unet = the lineage readers, new-rank
     new_rank_init: str = "zero"  # a new rank's table starts at zero (each taxon as its parent) or random (ablation)
     loss_weight: str = "v"  # v: the v-error, eps-error / alpha_bar_t (Diffusion.loss); eps: Algorithm 1's
+    noise_schedule: str = "linear"  # betas: linear (Ho's), cosine, or scaled-linear (LDM's, for latents)
     # the schedule
     stage_steps: str = "200,200,600,800,1800"  # steps of the 1st, 2nd, ... stage; the last number repeats
     steps: int = 0  # if not 0, every stage trains this many optimizer steps (overrides --stage-steps)
@@ -143,7 +144,8 @@ def train_stage(cfg, stage, plan, dataset, taxonomy, log, rank=0, world=1, stop=
     Returns the number of the signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
     """
     model, ema, opt, sched, level, steps = stage.model, stage.ema, stage.opt, stage.sched, stage.level, stage.steps
-    diffusion, device, B = Diffusion(DiffusionConfig()).to(cfg.device), cfg.device, cfg.batch_size
+    diffusion = Diffusion(DiffusionConfig(**stage.header["diffusion_config"])).to(cfg.device)  # --noise-schedule
+    device, B = cfg.device, cfg.batch_size
     net, amp = wrap_model(model, cfg, world)
     mine = slice(rank * B // world, (rank + 1) * B // world)  # this process's part of every global batch
     loader = torch.utils.data.DataLoader(

@@ -123,6 +123,20 @@ def test_linear_schedule_is_ddpms():
     assert d.alpha_bar[699].item() == pytest.approx(0.0069661, rel=1e-3)
 
 
+def test_scaled_linear_schedule_is_latent_diffusions():
+    # LDM / Stable Diffusion's "scaled_linear": sqrt(beta) rises linearly from sqrt(0.00085) to sqrt(0.012);
+    # it leaves alpha_bar_T = 0.00466 (Stable Diffusion's last alphas_cumprod, 0.0047), about 115x Ho's 4.04e-5
+    d = Diffusion(DiffusionConfig(schedule="scaled-linear"))
+    root = lambda t: 0.00085 ** 0.5 + (0.012 ** 0.5 - 0.00085 ** 0.5) * t / 999  # noqa: E731
+    for t in (0, 499, 999):
+        assert d.beta[t].item() == pytest.approx(root(t) ** 2, rel=1e-6)
+    assert d.alpha_bar[999].item() == pytest.approx(4.6601e-3, rel=1e-3)
+    # a little more noise than Ho's below t = 102, and much less above: 0.276 against 0.078 at t = 500
+    linear = Diffusion(DiffusionConfig(schedule="linear")).alpha_bar
+    assert (d.alpha_bar[:102] < linear[:102]).all() and (d.alpha_bar[102:] > linear[102:]).all()
+    assert d.alpha_bar[500].item() == pytest.approx(0.2763, rel=1e-3)
+
+
 def test_cosine_schedule_is_improved_ddpms():
     # Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2),
     # s = 0.008, with each beta clipped at 0.999 (which only the last step reaches). Our index t is their t + 1.

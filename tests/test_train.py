@@ -253,7 +253,8 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
                         "trained with --size tiny, this run has --size small")}
     # a finished stage is reused only by a run that would have trained it alike (an ablation into an old --out)
     for flag, value, shown in (("schedule", "all", "all"), ("seed", 1, 1), ("lr", 2e-3, 0.002), ("steps", 3, 3),
-                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0)):
+                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0),
+                               ("noise_schedule", "scaled-linear", "scaled-linear")):
         name = "--" + flag.replace("_", "-")
         runs[flag] = (replace(replace(TINY, steps=2), **{flag: value}),  # out/class.pt is this run's whole result
                       f"class.pt was trained with {name} {getattr(replace(TINY, steps=2), flag)}, this run has "
@@ -292,6 +293,16 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
                                          r"train.py cannot resume or reuse it; delete it to train this stage again"):
         train.main(replace(TINY, steps=2, out=str(out)))
     assert (out / "class.last.pt").exists()  # refused, not deleted
+
+    # ... but one written before --noise-schedule existed was trained with Ho's linear betas: it resumes under
+    # that value and is refused, naming the value it had, under another
+    old_cfg = {k: v for k, v in ckpt["train_config"].items() if k != "noise_schedule"}
+    torch.save({**ckpt, "step": 1, "train_config": old_cfg}, out / "class.last.pt")
+    with pytest.raises(SystemExit, match=r"class.last.pt was trained with --noise-schedule linear, this run has "
+                                         r"--noise-schedule scaled-linear;"):
+        train.main(replace(TINY, steps=2, noise_schedule="scaled-linear", out=str(out)))
+    train.main(replace(TINY, steps=2, out=str(out)))  # linear: resumed at step 1, no SystemExit
+    assert (out / "class.pt").exists() and not (out / "class.last.pt").exists()
 
 
 def test_stage_checkpoints_map_taxa_by_name():
@@ -360,3 +371,11 @@ def test_a_resumed_stage_keeps_its_cool_down_under_another_level(tmp_path, monke
     order = torch.load(tmp_path / "resumed" / "order.pt", weights_only=True)
     assert order["optimizer"]["param_groups"][0]["lr"] == 0.0  # order, the new last stage, cooled down too
 
+
+def test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records(tmp_path, monkeypatch):
+    """--noise-schedule reaches the training loss, not only the checkpoint that sample.py reads."""
+    used = []
+    monkeypatch.setattr(train, "Diffusion", lambda cfg: used.append(cfg.schedule) or model.Diffusion(cfg))
+    train.main(replace(TINY, steps=1, noise_schedule="scaled-linear", out=str(tmp_path)))
+    ckpt = torch.load(tmp_path / "class.pt", weights_only=True)
+    assert used == ["scaled-linear"] and ckpt["diffusion_config"]["schedule"] == "scaled-linear"

@@ -73,6 +73,8 @@ MUTATIONS = [
     ("rank-tables-at-the-base-lr", "train.py", "\"lr\": cfg.lr * cfg.embed_lr_mult", "\"lr\": cfg.lr", [WIRING]),
     ("ema-without-warm-up", "train.py", "min(cfg.ema_decay, (1 + step) / (10 + step))", "cfg.ema_decay", [WIRING]),
     ("loss-weight-flag-ignored", "train.py", "weight=cfg.loss_weight)", "weight=\"v\")", [WIRING]),
+    ("noise-schedule-flag-ignored", "train.py", "Diffusion(DiffusionConfig(**stage.header[\"diffusion_config\"]))",
+     "Diffusion(DiffusionConfig())", ["tests/test_train.py::test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records"]),
     ("new-rank-not-zeroed", "train.py", "torch.nn.init.zeros_(model.conditioner.embed[r].weight)", "pass", [WIRING]),
     # --- sampling a lineage (sample.py)
     ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_level, deepest), deepest + 1)",

@@ -373,16 +373,18 @@ def evaluate_checkpoint(args):
     if toy:
         clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
         real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
-        real_f = inception_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)")
+        cache = os.path.dirname(args.ckpt) or "."  # the real sets' features are kept beside the checkpoint
+        real_f = cached_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)", cache)
         real_cf, _ = classify(clf, real_set)
         ref, ref_lineages = toy_dataset(args.n_per_taxon, size, REAL_SEED + 1)  # ...and a second one: the floor
-        ref_f = inception_features(net, ref, args.mode, args.batch_size, args.device, "inception (real, 2nd set)")
+        ref_f = cached_features(net, ref, args.mode, args.batch_size, args.device, "inception (real, 2nd set)", cache)
         ref_cf, ref_pred = classify(clf, ref)
         acc = (ref_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
         rows.append(("real toy images (a 2nd set)", len(ref), ref_f, acc, ref_cf))
         if autoencoder:  # the 2nd set encoded and decoded: the best a latent model can draw
             rec = reconstruct(autoencoder, ref, args.device)
-            rec_f = inception_features(net, rec, args.mode, args.batch_size, args.device, "inception (reconstructed)")
+            rec_f = cached_features(net, rec, args.mode, args.batch_size, args.device, "inception (reconstructed)",
+                                    cache)
             rec_cf, rec_pred = classify(clf, rec)
             acc = (rec_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
             rows.append((f"the 2nd set through the autoencoder (PSNR {psnr(ref, rec):.2f} dB)", len(rec), rec_f, acc,
@@ -912,6 +914,26 @@ def inception_features(net, images, mode="torchmetrics", batch_size=50, device="
         x = preprocess(images[i:i + batch_size].to(device), mode)
         feats.append(net(x).double().cpu())
     return torch.cat(feats).numpy()
+
+
+def cached_features(net, images, mode, batch_size, device, desc, cache_dir):
+    """inception_features of a fixed image set, kept in cache_dir/inception-<key>.npy: the real toy sets are the
+    same on every run of one checkpoint, and their two Inception passes are about a third of fid.py's time. The
+    key hashes the images' bytes, the resize mode, the device type and the network's weights."""
+    if not hasattr(net, "weights_sha256"):
+        net.weights_sha256 = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                                     for t in net.state_dict().values())).hexdigest()
+    key = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode())
+    key.update(f"{mode} {torch.device(device).type} {net.weights_sha256}".encode())
+    path = os.path.join(cache_dir, f"inception-{key.hexdigest()[:16]}.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    feats = inception_features(net, images, mode, batch_size, device, desc)
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:  # written whole, then renamed: a killed run leaves no half a cache
+        np.save(f, feats)
+    os.replace(tmp, path)
+    return feats
 
 
 def load_folder(folder):

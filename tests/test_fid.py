@@ -278,6 +278,37 @@ def test_matches_the_torchscript_reference():
         assert torch.allclose(net(x), reference(x), atol=1e-4)
 
 
+class CountingNet(torch.nn.Module):
+    """A stand-in for Inception: 3 features per image (the channel means, times a weight), and a call count."""
+
+    def __init__(self, weight=1.0):
+        super().__init__()
+        self.w, self.calls = torch.nn.Parameter(torch.full((3,), weight)), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x.mean((2, 3)) * self.w
+
+
+def test_real_set_features_are_cached_beside_the_checkpoint(tmp_path):
+    net = CountingNet()
+    images = torch.randint(255, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    args = (4, "cpu", "real", str(tmp_path))  # batch size, device, progress-bar name, cache folder
+    first = fid.cached_features(net, images, "torchmetrics", *args)
+    assert net.calls == 2 and len(list(tmp_path.glob("inception-*.npy"))) == 1  # two batches, one file
+    again = fid.cached_features(net, images, "torchmetrics", *args)
+    assert net.calls == 2 and np.array_equal(first, again)  # read back, not computed
+    np.testing.assert_array_equal(first, fid.inception_features(net, images, "torchmetrics", 4))
+    # one pixel, the resize mode or the weights changed: computed again, into a file of its own
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1
+    fid.cached_features(net, other, "torchmetrics", *args)
+    fid.cached_features(net, images, "pytorch-fid", *args)
+    doubled = fid.cached_features(CountingNet(2.0), images, "torchmetrics", *args)
+    np.testing.assert_allclose(doubled, 2 * first)
+    assert len(list(tmp_path.glob("inception-*.npy"))) == 4 and not list(tmp_path.glob("*.tmp"))
+
+
 @needs_weights
 def test_torchmetrics_documented_example():
     # torchmetrics' FrechetInceptionDistance example: 50 + 50 random uint8 images of 64 x 64 -> 13.5367

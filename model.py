@@ -449,12 +449,20 @@ FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "com
                   "guidance", "guide_from", "grid_cols", "grid_steps", "grid_sampler")
 
 
+def noise_schedule(cfg):
+    """train.py's --noise-schedule; auto = LDM's scaled-linear on latents, where it trains far better than Ho's
+    linear betas (docs/results.md, "Pixel or latent"), and Ho's on pixels, where the defaults were measured."""
+    if cfg.noise_schedule == "auto":
+        return "scaled-linear" if cfg.latent else "linear"
+    return cfg.noise_schedule
+
+
 def network_configs(cfg):
     """The UNet and diffusion configs of a run; checkpoints store them as dicts (sample.py needs no flags).
     On latents the UNet sees (latent_channels, image_size / f, image_size / f) instead of (3, image_size, image_size)."""
     channels, size = (cfg.latent_channels, cfg.image_size // cfg.latent_f) if cfg.latent else (3, cfg.image_size)
     return (UNetConfig(in_channels=channels, image_size=size, attention_impl=cfg.attention, **SIZES[cfg.size]),
-            DiffusionConfig(schedule=cfg.noise_schedule))
+            DiffusionConfig(schedule=noise_schedule(cfg)))
 
 
 def run_header(cfg, taxonomy, plan, autoencoder=None):
@@ -1248,7 +1256,7 @@ SCHEDULES = ("progressive", "all", "random", "flat")  # train.py --schedule
 TRAIN_FLAG_CHECKS = {
     "level": RANKS, "first_level": RANKS, "schedule": SCHEDULES, "freeze": ("none", "unet", "new-rank"),
     "new_rank_init": ("zero", "random"), "loss_weight": ("eps", "v"),
-    "noise_schedule": ("linear", "cosine", "scaled-linear"), "size": tuple(SIZES), "format": FORMATS,
+    "noise_schedule": ("auto", "linear", "cosine", "scaled-linear"), "size": tuple(SIZES), "format": FORMATS,
     "top_rank": ("auto",) + RANKS, "conflicts": ("error", "keep-first"), "guide_from": ("null", "parent", "root"),
     "grid_sampler": ("ddim", "ddpm", "dpm++"),
     "attention": ("auto", "triton", "sdpa", "torch"), "latent_f": downsampling_factor,

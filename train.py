@@ -35,16 +35,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, by_name, check_checkpoint,
                    condition_dropout, cut_lineage, free_flags, read_checkpoint, run_header, to_device, update_ema)
-from model import (catch_stop_signals, check_run, describe_run, finish_stage, mean_over_processes, read_data, run_guard,
-                   save_resumable, set_rng_states, skipped_ranks_note, stage_batches, start_processes, step_randomness,
-                   wrap_model)
+from model import (catch_stop_signals, check_run, describe_run, finish_stage, mean_over_processes, noise_schedule,
+                   read_data, run_guard, save_resumable, set_rng_states, skipped_ranks_note, stage_batches,
+                   start_processes, step_randomness, wrap_model)
 from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset
 from model import TRAIN_FLAG_CHECKS, check_flag_pairs, config_parser
 from taxonomy import RANKS, TaxonDataset, Taxonomy
@@ -61,7 +61,7 @@ class TrainConfig:
     freeze: str = "none"  # what a later progressive stage trains: none = all, unet = the lineage readers, new-rank
     new_rank_init: str = "zero"  # a new rank's table starts at zero (each taxon as its parent) or random (ablation)
     loss_weight: str = "v"  # v: the v-error, eps-error / alpha_bar_t (Diffusion.loss); eps: Algorithm 1's
-    noise_schedule: str = "linear"  # betas: linear (Ho's), cosine, or scaled-linear (LDM's, for latents)
+    noise_schedule: str = "auto"  # betas: linear (Ho's), cosine, scaled-linear (LDM's); auto = LDM's on latents, else Ho's
     # the schedule
     stage_steps: str = "200,200,600,800,1800"  # steps of the 1st, 2nd, ... stage; the last number repeats
     steps: int = 0  # if not 0, every stage trains this many optimizer steps (overrides --stage-steps)
@@ -291,6 +291,7 @@ def flat_lineage(lineage):
 
 
 def main(cfg):
+    cfg = replace(cfg, noise_schedule=noise_schedule(cfg))  # checkpoints record the betas, never "auto"
     rank, world, cfg = start_processes(cfg)
     with run_guard():  # on the way out: signal handlers put back, processes parted, a bad checkpoint in one line
         check_run(cfg, world)

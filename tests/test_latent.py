@@ -141,6 +141,8 @@ def test_a_tiny_latent_run_trains_two_stages_from_a_folder_tree(latent_run):
     for stage in ("class", "order"):
         ckpt = torch.load(out / f"{stage}.pt", weights_only=True)
         assert ckpt["unet_config"]["in_channels"] == 4 and ckpt["unet_config"]["image_size"] == 8
+        # --noise-schedule auto: LDM's betas on latents, recorded as such
+        assert ckpt["diffusion_config"]["schedule"] == ckpt["train_config"]["noise_schedule"] == "scaled-linear"
         assert ckpt["autoencoder"] == dict(file="autoencoder.pt", config=ae_ckpt["autoencoder_config"],
                                            sha256=weights_hash(ae.state_dict()))
     assert Image.open(out / "order.png").height == 6 * 16  # 6 orders, each a row of decoded 16 px images

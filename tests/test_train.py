@@ -253,12 +253,15 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
                         "trained with --size tiny, this run has --size small")}
     # a finished stage is reused only by a run that would have trained it alike (an ablation into an old --out)
     for flag, value, shown in (("schedule", "all", "all"), ("seed", 1, 1), ("lr", 2e-3, 0.002), ("steps", 3, 3),
-                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0),
-                               ("noise_schedule", "scaled-linear", "scaled-linear")):
+                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0)):
         name = "--" + flag.replace("_", "-")
         runs[flag] = (replace(replace(TINY, steps=2), **{flag: value}),  # out/class.pt is this run's whole result
                       f"class.pt was trained with {name} {getattr(replace(TINY, steps=2), flag)}, this run has "
                       f"{name} {shown}")
+    # the default --noise-schedule auto was recorded as what it meant in pixels, Ho's linear betas
+    runs["noise schedule"] = (replace(TINY, steps=2, noise_schedule="scaled-linear"),
+                              "class.pt was trained with --noise-schedule linear, this run has --noise-schedule "
+                              "scaled-linear")
     # another taxonomy: a folder tree of two species not in the toy tree
     for species in ["Felis catus", "Felis silvestris"]:
         folder = tmp_path / "tree" / "Mammalia" / "Carnivora" / "Felidae" / "Felis" / species
@@ -379,3 +382,8 @@ def test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records(tmp_path
     train.main(replace(TINY, steps=1, noise_schedule="scaled-linear", out=str(tmp_path)))
     ckpt = torch.load(tmp_path / "class.pt", weights_only=True)
     assert used == ["scaled-linear"] and ckpt["diffusion_config"]["schedule"] == "scaled-linear"
+    # the default, auto, is Ho's linear betas in pixels (LDM's on latents: test_latent.py), recorded as such
+    train.main(replace(TINY, steps=1, out=str(tmp_path / "auto")))
+    ckpt = torch.load(tmp_path / "auto" / "class.pt", weights_only=True)
+    assert used[-1] == "linear" and ckpt["diffusion_config"]["schedule"] == "linear"
+    assert ckpt["train_config"]["noise_schedule"] == "linear"

@@ -40,6 +40,8 @@ rare and of the common species is printed apart: the paper's claim 2.
 A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt
 beside it, and its table has one more row: the second real set encoded and
 decoded (with its PSNR), the best that model could draw.
+
+Read next: tests/ (docs/testing.md says what each file checks), or docs/ for the measured record.
 """
 import hashlib
 import importlib.metadata
@@ -291,7 +293,8 @@ def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
             model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
             model.load_state_dict(ckpt["model"])
             return model.eval(), taxonomy
-        log(f"{path} was trained for {ckpt['image_size']} px images; training a new one for {image_size} px")
+        log(f"{path} was trained for {ckpt['image_size']} px images with seed {ckpt['seed']}; training a new one "
+            f"for {image_size} px with seed {CLASSIFIER_SEED}")
     log(f"training the taxon classifier on toy images ({image_size} px) -> {path}")
     model, taxonomy = train_classifier(image_size, log=log)
     images, lineages = toy_dataset(20, image_size, REAL_SEED)
@@ -307,7 +310,7 @@ def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
 
 # -----------------------------------------------------------------------------
 # Evaluating a checkpoint: n images per taxon of its finest rank, for each
-# guidance scale, against as many real images; one markdown table.
+# guidance scale, against n real images per toy species; one markdown table.
 
 
 def to_uint8(x):
@@ -328,7 +331,7 @@ def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_
         eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
         x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
                              sampler=sampler, generator=gen, device=device, clip=None if autoencoder else 1.0)
-        out.append(to_uint8(to_pixels(x, autoencoder)[:, :3]).cpu())
+        out.append(to_uint8(to_pixels(x, autoencoder)).cpu())
     return torch.cat(out)
 
 
@@ -360,6 +363,8 @@ def evaluate_checkpoint(args):
     toy = ckpt["train_config"].get("data", "toy") == "toy"
     if not toy and args.real is None:
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
+    if toy and args.real is not None:
+        raise ValueError(f"{args.ckpt} was trained on the toy tree, which draws its own real images: drop --real")
 
     # every taxon of the finest trained rank, n_per_taxon times: (N, R)
     taxa = range(1, len(taxonomy.vocab[level]))  # id 0 is "unknown"
@@ -373,6 +378,9 @@ def evaluate_checkpoint(args):
     if toy:
         clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
         real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
+        if len(real_set) != n:  # a checkpoint above species: its rows are not scored at the real row's n
+            print(f"note: {n} images per row against {len(real_set)} real ones; FID's small-sample bias grows "
+                  f"as n falls, so compare these rows with each other, not with the real row")
         cache = os.path.dirname(args.ckpt) or "."  # the real sets' features are kept beside the checkpoint
         real_f = cached_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)", cache)
         real_cf, _ = classify(clf, real_set)
@@ -531,6 +539,8 @@ def parse_args(argv=None):
         args.ckpt, args.inputs = args.inputs[0], []
     if not args.ckpt and not args.inputs:  # also --ckpt '': the flag left unset
         args.ckpt = finest_checkpoint("out")
+    if args.ckpt and args.save_stats:
+        p.error("argument --save-stats: saves the statistics of an image folder, not of a checkpoint's samples")
     if args.inputs and (len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats)):
         p.error("give two image folders or .npz files (or one with --save-stats), or one checkpoint")
     return args

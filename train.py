@@ -6,12 +6,14 @@ Train TaxaDiffusion stage by stage: coarse ranks first, then one finer rank per 
     python train.py --data train.json --image-size 64   # your own data (docs/data.md)
     torchrun --nproc_per_node=4 train.py --level species    # the same in 4 processes (GPUs), one DDP model
     python train.py --level species --schedule flat --out out/flat   # an ablation: species ids only, one stage
-    python train.py --latent --image-size 64 --level species --out out/latent64   # on an autoencoder's latents
+    python train.py --latent --image-size 64 --level species --stage-steps 200,200,600,800,2300 --out out/latent64
+                                       # on an autoencoder's latents (README, "Pixel or latent")
 
 The method in three lines of the loop (train_stage): stage `order` sees each
 lineage cut below order (kingdom, phylum, class, order); condition dropout
 sometimes cuts it shorter or drops it (partial lineages and guidance); the
-loss is DDPM's (Algorithm 1). Each stage starts from the weights of the one
+loss is DDPM's noise regression (Algorithm 1), weighted as the v-error by default
+(Diffusion.loss). Each stage starts from the weights of the one
 before it, with the new rank's embedding table at zero, so a new taxon begins
 exactly as its parent (build_stage). A missing earlier stage is trained first.
 
@@ -45,7 +47,7 @@ from model import (CheckpointError, Diffusion, DiffusionConfig, TaxaDiffusion, b
 from model import (catch_stop_signals, check_run, describe_run, finish_stage, mean_over_processes, noise_schedule,
                    read_data, run_guard, save_resumable, set_rng_states, skipped_ranks_note, stage_batches,
                    start_processes, step_randomness, wrap_model)
-from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset
+from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, encode_dataset, held_out_split
 from model import TRAIN_FLAG_CHECKS, check_flag_pairs, config_parser
 from taxonomy import RANKS, TaxonDataset, Taxonomy
 from unet import UNetConfig
@@ -163,7 +165,7 @@ def train_stage(cfg, stage, plan, dataset, taxonomy, log, rank=0, world=1, stop=
             ids = cut_lineage(ids, plan[0] + (depth * (level - plan[0] + 1)).long())
         ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)
         with amp:
-            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)  # Algorithm 1
+            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)  # Algorithm 1, v-weighted by default
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -280,9 +282,10 @@ def trainable(name, freeze, new_ranks):
     return True
 
 
-def flat_lineage(lineage):
-    """The flat baseline's label: the leaf name alone at its rank, no hierarchy above it."""
-    leaf = max(r for r, name in enumerate(lineage) if name)
+def flat_lineage(lineage, finest):
+    """The flat baseline's label: one name alone at its rank, no hierarchy above it. The name is the lineage's
+    at rank `finest` (the rank the run trains down to), or its leaf where the lineage stops above that rank."""
+    leaf = max(r for r, name in enumerate(lineage[:finest + 1]) if name)
     return tuple(name if r == leaf else None for r, name in enumerate(lineage))
 
 
@@ -324,15 +327,18 @@ def main(cfg):
 
 def load_dataset(cfg, rank=0, world=1):
     """The images, the taxonomy and the plan of stage ranks (read_data ends bad data in one line, before
-    any checkpoint is touched). The flat baseline keeps only each image's leaf name."""
+    any checkpoint is touched). The flat baseline keeps only each image's name at the finest rank trained."""
     images, lineages, found = read_data(cfg, rank, world)
     plan = stage_plan(found, cfg.first_level, cfg.level)  # from the full hierarchy, also for flat: the same steps
     if rank == 0 and (note := skipped_ranks_note(found, plan, cfg.first_level, cfg.level)):
         print(note)  # a rank asked for that gets no stage: said before any training
     if len(images) < cfg.batch_size:
         raise SystemExit(f"error: {cfg.data} has {len(images)} images, fewer than --batch-size {cfg.batch_size}")
-    if cfg.schedule == "flat":  # the baseline without a hierarchy: leaf names only, one table in use
-        lineages = [flat_lineage(lin) for lin in lineages]
+    if cfg.latent and (n := len(held_out_split(len(images), cfg.seed)[1])) < cfg.ae_batch_size:
+        raise SystemExit(f"error: {cfg.data} has {n} images for the autoencoder to train on (5 % are held out), "
+                         f"fewer than --ae-batch-size {cfg.ae_batch_size}")
+    if cfg.schedule == "flat":  # the baseline without a hierarchy: names of one rank only, one table in use
+        lineages = [flat_lineage(lin, plan[-1]) for lin in lineages]
         found = Taxonomy(lineages)
     # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
     taxonomy = Taxonomy(found.lineages())

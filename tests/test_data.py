@@ -14,6 +14,7 @@ import taxonomy
 import train
 from fixtures import (add_broken, make_bioscan, make_fishnet, make_folder_tree, make_inat_json, inat_folder_name,
                       save, species, toy_image)
+from model import check_run
 from taxonomy import RANKS, DataError, TaxonDataset, build_taxonomy, load_data, read_items
 
 CORAX = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
@@ -268,6 +269,23 @@ def test_fewer_images_than_a_batch_is_an_error(tmp_path):
     args = ["--data", str(make_inat_json(tmp_path, per_species=1)), "--out", str(tmp_path / "out"), "--workers", "0"]
     with pytest.raises(SystemExit, match="has 12 images, fewer than --batch-size 32"):
         train.main(train.parse_args(args))  # and not an endless wait for a first batch
+
+
+def test_fewer_images_than_an_autoencoder_batch_is_an_error(tmp_path):
+    # 36 images, 2 held out: 34 to train the autoencoder on, fewer than its batch of 40
+    args = ["--data", str(make_inat_json(tmp_path, per_species=3)), "--out", str(tmp_path / "out"), "--workers", "0",
+            "--latent", "--batch-size", "8", "--ae-batch-size", "40"]
+    with pytest.raises(SystemExit, match=r"has 34 images for the autoencoder to train on \(5 % are held out\), "
+                                         r"fewer than --ae-batch-size 40$"):
+        train.main(train.parse_args(args))  # and not a ZeroDivisionError in the autoencoder's batches
+    assert not (tmp_path / "out" / "autoencoder.last.pt").exists()
+
+
+def test_an_autoencoder_batch_that_does_not_split_over_processes_is_an_error(tmp_path):
+    cfg = train.parse_args(["--latent", "--ae-batch-size", "16", "--batch-size", "30", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^error: --ae-batch-size 16 does not split evenly over 3 processes$"):
+        check_run(cfg, world=3)
+    check_run(cfg, world=2)  # 16 = 2 x 8
 
 
 def test_bad_data_ends_train_py_in_one_line(tmp_path):

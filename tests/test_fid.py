@@ -429,3 +429,16 @@ def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
                                                      "| guidance 2 (null)"]
     assert rows[2].split(" | ")[1] == "12"  # 6 orders x 2
     assert rows[2].split(" | ")[6:9] == ["-", "-", "-"]  # family, genus, species: finer than the checkpoint
+    assert "note: 12 images per row against 96 real ones;" in out  # an order checkpoint, 2 real per species
+    with pytest.raises(ValueError, match="order.pt was trained on the toy tree, which draws its own real images: "
+                                         "drop --real$"):
+        fid.main(fid.parse_args([str(tmp_path / "order.pt"), "--real", str(tmp_path), "--device", "cpu"]))
+
+
+def test_save_stats_with_a_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "order.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        fid.parse_args([str(tmp_path / "order.pt"), "--save-stats", str(tmp_path / "a.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.endswith("error: argument --save-stats: saves the statistics of an image "
+                                              "folder, not of a checkpoint's samples (see --help)\n")

@@ -45,10 +45,12 @@ def test_stage_plan_from_the_first_level_down_and_refuses_a_level_above_it():
         train.stage_plan(toy, "order", "class")  # a TrainConfig built in Python skips the parser's check
 
 
-def test_flat_lineage_keeps_the_leaf_alone():
+def test_flat_lineage_keeps_one_name_alone():
     lineage = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
-    assert train.flat_lineage(lineage) == (None,) * 6 + ("Corvus corax",)
-    assert train.flat_lineage(("Animalia", None, "Aves", None, None, None, None)) == (None, None, "Aves") + (None,) * 4
+    assert train.flat_lineage(lineage, 6) == (None,) * 6 + ("Corvus corax",)
+    assert train.flat_lineage(lineage, 3) == (None,) * 3 + ("Passeriformes",) + (None,) * 3  # --level order
+    short = ("Animalia", None, "Aves", None, None, None, None)  # a lineage that stops above the rank: its leaf
+    assert train.flat_lineage(short, 6) == (None, None, "Aves") + (None,) * 4
 
 
 def test_freeze_policies_pick_parameters():
@@ -81,9 +83,17 @@ def test_one_stage_schedules(tmp_path, schedule):
     assert known == ({6} if schedule == "flat" else set(range(len(RANKS))))
 
 
+def test_flat_at_a_coarser_level_is_conditioned_on_that_rank(tmp_path):
+    # --level order: order names alone (a flat run keeping species names would train at order with no label)
+    train.main(train.parse_args(["--level", "order", "--schedule", "flat", "--out", str(tmp_path), *TINY]))
+    ckpt = torch.load(tmp_path / "order.pt", weights_only=True)
+    assert {r for lin in ckpt["lineages"] for r, name in enumerate(lin) if name} == {3}
+    assert len({lin[3] for lin in ckpt["lineages"]}) == 6 and (tmp_path / "order.png").exists()  # a row per order
+
+
 def test_flat_models_are_scored_at_every_rank():
     toy = Taxonomy([lin for lin, _ in toy_species()])
-    flat = Taxonomy([train.flat_lineage(lin) for lin, _ in toy_species()])
+    flat = Taxonomy([train.flat_lineage(lin, 6) for lin, _ in toy_species()])
     i = flat.vocab[6].index("Corvus corax")
     ids = torch.tensor([flat.ancestors(6, i)])  # species id only
     target = fid.toy_targets(toy, flat, ids)[0]

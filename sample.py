@@ -9,6 +9,8 @@ Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
 Names may start at any rank and are matched ignoring case ('_' reads as a
 space); '...' or a missing tail leaves the finer ranks unspecified. A latent
 checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
+
+Read next: fid.py.
 """
 import os
 import sys
@@ -34,16 +36,16 @@ def main(args):
     level = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..level
     root_level = RANKS.index(ckpt["stages"][0])
     ids = torch.tensor(taxonomy.parse(args.lineage), device=args.device)  # (R,)
-    if deepest_rank(ids[None]).item() > level:
+    if deepest_rank(ids[None]).item() > level:  # ids[None]: (1, R), a batch of one lineage
         print(f"note: this checkpoint was trained down to {ckpt['level']}; finer ranks of the lineage are ignored")
-        ids = cut_lineage(ids[None], level)[0]
+        ids = cut_lineage(ids[None], level)[0]  # (1, R) -> (R,)
     name = taxonomy.lineage_str(ids.tolist())
     size = model.unet.cfg.image_size
     x_T = torch.randn((args.n, model.unet.cfg.in_channels, size, size), device=args.device,
                       generator=torch.Generator(args.device).manual_seed(args.seed))  # a seed gives the same pictures
 
     # one row for the lineage, or (--refine) one row per rank from the first stage down to it, same noise
-    deepest = deepest_rank(ids[None]).item()
+    deepest = deepest_rank(ids[None]).item()  # (1, R) -> a rank index
     levels = range(min(root_level, deepest), deepest + 1) if args.refine else [deepest]
     rows = torch.cat([cut_lineage(ids[None], lv) for lv in levels])  # (rows, R)
     images = sample_rows(diffusion, model, rows, x_T, args.guidance, args.guide_from, root_level, steps=args.steps,

@@ -585,7 +585,7 @@ if triton is not None:
 BACKWARD_PROGRAMS = 512
 
 
-def _blocks(N, M, D):
+def _blocks(M, D):
     """Launch configuration: 64 queries per program; 16 keys per step when there are few
     (cross-attention), else 64; the head dim padded to a power of 2, at least 16."""
     return dict(BLOCK_N=64, BLOCK_M=16 if M <= 16 else 64, BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -597,7 +597,7 @@ def _flash_forward(q, k, v):
     M = k.shape[2]
     o = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    blocks = _blocks(N, M, D)
+    blocks = _blocks(M, D)
     grid = (triton.cdiv(N, blocks["BLOCK_N"]), B * H)  # one program per (query block, batch x head)
     _attn_fwd[grid](q, k, v, o, lse, D ** -0.5, N, M, H, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                     D=D, **blocks)
@@ -607,7 +607,7 @@ def _flash_forward(q, k, v):
 def _flash_backward(q, k, v, o, lse, do):
     B, H, N, D = q.shape
     M = k.shape[2]
-    blocks = _blocks(N, M, D)
+    blocks = _blocks(M, D)
     dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     n_blocks, m_blocks = triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(M, blocks["BLOCK_M"])
     # slice the queries of the dk/dv pass so that there are enough programs to fill a GPU; each slice

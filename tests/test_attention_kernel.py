@@ -110,7 +110,7 @@ COMPILE = textwrap.dedent("""
             for ptr in ptrs:
                 for d in ds:
                     for M in (8, 64):  # both key blocks
-                        launch = unet._blocks(1024, M, d)
+                        launch = unet._blocks(M, d)
                         options = {k: launch.pop(k) for k in ("num_warps", "num_stages")}
                         for kernel in (unet._attn_fwd, unet._attn_bwd_dq, unet._attn_bwd_dkdv, unet._attn_bwd_onepass):
                             consts = {k: v for k, v in {"D": d, **launch}.items() if k in kernel.arg_names}

@@ -132,8 +132,8 @@ def sweep():
     markdown_header("BLOCK_N", "BLOCK_M", "warps", "stages", "fwd", "fwd+bwd")
     for bn, bm, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                                   (128, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]:
-        unet._blocks = lambda N_, M_, D_: dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=max(16, D_),
-                                               num_warps=warps, num_stages=stages)
+        unet._blocks = lambda M_, D_: dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=max(16, D_),
+                                           num_warps=warps, num_stages=stages)
         try:
             fwd, both = measure(flash_attention, q, k, v, do)
             print(f"| {bn} | {bm} | {warps} | {stages} | {flops / fwd / 1e9:.1f} | {3.5 * flops / both / 1e9:.1f} |",
@@ -149,8 +149,8 @@ UNET_SHAPES = [s for s in SHAPES if s[0].startswith(("self", "cross"))]
 def set_blocks(bn, bm_many, warps, stages):
     """Replace the dispatch's launch configuration (bm_many: keys per step when there are more than 16)."""
     import triton
-    unet._blocks = lambda N_, M_, D_: dict(BLOCK_N=bn, BLOCK_M=16 if M_ <= 16 else bm_many,
-                                           BLOCK_D=max(16, triton.next_power_of_2(D_)), num_warps=warps, num_stages=stages)
+    unet._blocks = lambda M_, D_: dict(BLOCK_N=bn, BLOCK_M=16 if M_ <= 16 else bm_many,
+                                       BLOCK_D=max(16, triton.next_power_of_2(D_)), num_warps=warps, num_stages=stages)
 
 
 def unet_sweep():
@@ -160,7 +160,7 @@ def unet_sweep():
                (64, 64, 4, 2, 512), (64, 32, 4, 3, 512), (64, 64, 4, 3, 128), (64, 64, 4, 3, 256),
                (64, 64, 4, 3, 1024), (32, 64, 4, 3, 1024)]
     print("\nlaunch configurations at the UNet's shapes (fwd / fwd+bwd TFLOP/s); "
-          f"dispatch now: {original(1024, 8, 32)} and BACKWARD_PROGRAMS {programs}\n")
+          f"dispatch now: {original(8, 32)} and BACKWARD_PROGRAMS {programs}\n")
     markdown_header("BLOCK_N, BLOCK_M, warps, stages, programs", *(n for n, *_ in UNET_SHAPES))
     for bn, bm, warps, stages, progs in configs:
         set_blocks(bn, bm, warps, stages)

@@ -95,6 +95,13 @@ def test_cut_deepest_and_dropout():
     assert abs((d == -1).float().mean() - 0.1) < 0.02
     assert abs(((d >= 0) & (d < 6)).float().mean() - 0.2) < 0.02
     assert torch.equal(out, cut_lineage(ids, d))  # dropout only ever cuts the tail
+    cut = d[(d >= 0) & (d < 6)]  # ~800 cut rows, each cut at a rank drawn evenly from 0..5 (sd of a share: 0.013)
+    shares = torch.bincount(cut, minlength=6).float() / len(cut)
+    assert (shares - 1 / 6).abs().max() < 0.05, shares
+    # rows of another depth are cut above their own deepest rank, not the batch's
+    mixed = torch.tensor([[1, 1, 2, 3, 0, 0, 0], [1, 1, 2, 3, 4, 5, 6]]).repeat(2000, 1)
+    d = deepest_rank(condition_dropout(mixed, 0.0, 1.0, generator=torch.Generator().manual_seed(1)))  # always cut
+    assert set(d[::2].tolist()) == {0, 1, 2} and set(d[1::2].tolist()) == {0, 1, 2, 3, 4, 5}
 
 
 def test_schedules():
@@ -190,11 +197,32 @@ def test_v_loss_weight_is_the_v_error():
         torch.testing.assert_close(d.loss(model, x0, ids, t=t, eps=eps, weight="v"), v_error)
 
 
+def test_the_loss_reads_the_lineage_and_eps_weight_is_algorithm_1():
+    # a randomized network (a fresh one outputs 0 whatever it is given, as its last conv starts at zero)
+    model, d = randomize(TaxaDiffusion(TINY, VOCAB)), Diffusion(DiffusionConfig())
+    x0, eps = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 3, 32, 32)
+    ids, t = torch.tensor([[1, 1, 1, 2, 3, 4, 5]]).repeat(4, 1), torch.tensor([0, 300, 700, 999])
+    x_t = d.q_sample(x0, t, eps)
+    losses = []
+    with torch.no_grad():
+        for lineage in [ids, torch.zeros_like(ids)]:  # the loss sees the lineage it is given, not another one
+            per_example = (eps - d.eps(model, x_t, t, lineage)).pow(2).mean(dim=(1, 2, 3))  # (4,)
+            losses.append(d.loss(model, x0, lineage, t=t, eps=eps, weight="eps"))
+            torch.testing.assert_close(losses[-1], per_example.mean())
+            torch.testing.assert_close(d.loss(model, x0, lineage, t=t, eps=eps, weight="v"),
+                                       (per_example / d.alpha_bar[t]).mean())
+    # the two lineages give two losses (measured 3e-4 apart), far beyond assert_close's tolerance (1e-5) above
+    assert (losses[0] - losses[1]).abs() > 1e-4, losses
+
+
 def test_guidance_formula_and_negatives():
     ids = torch.tensor([[1, 1, 2, 3, 4, 5, 6]])
     assert negative_lineage(ids, "null", 2).tolist() == [[0] * 7]
     assert negative_lineage(ids, "parent", 2).tolist() == [[1, 1, 2, 3, 4, 5, 0]]
     assert negative_lineage(ids, "root", 2).tolist() == [[1, 1, 2, 0, 0, 0, 0]]
+    mixed = torch.tensor([[1, 1, 2, 3, 4, 5, 0], [1, 1, 2, 3, 0, 0, 0]])  # a genus and an order: one rank up each
+    assert negative_lineage(mixed, "parent", 2).tolist() == [[1, 1, 2, 3, 4, 0, 0], [1, 1, 2, 0, 0, 0, 0]]
+    assert negative_lineage(mixed, "root", 3).tolist() == [[1, 1, 2, 3, 0, 0, 0]] * 2  # a first stage at order
 
     def fake_model(x, t, ids):  # "eps" = how many ranks are known, per example
         return x * 0 + (ids > 0).sum(-1).float().view(-1, 1, 1, 1)

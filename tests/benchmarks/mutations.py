@@ -51,6 +51,8 @@ MUTATIONS = [
     ("v-to-eps-swapped", "model.py", "return (1 - a).sqrt() * x_t + a.sqrt() * out",
      "return a.sqrt() * x_t + (1 - a).sqrt() * out", [MODEL]),
     ("v-weight-inverted", "model.py", "err = err / self.alpha_bar[t]", "err = err * self.alpha_bar[t]", [MODEL]),
+    ("loss-drops-the-lineage", "model.py", "self.eps(model, self.q_sample(x0, t, eps), t, ids)",
+     "self.eps(model, self.q_sample(x0, t, eps), t, 0 * ids)", [MODEL]),
     # --- the conditioning and guidance (model.py)
     ("rank-tokens-not-summed", "model.py", "tokens = (e * known).cumsum(dim=1) + self.rank_vec",
      "tokens = (e * known) + self.rank_vec", [MODEL]),
@@ -60,6 +62,10 @@ MUTATIONS = [
     ("parent-is-the-lineage-itself", "model.py", "return cut_lineage(ids, deepest_rank(ids) - 1)",
      "return cut_lineage(ids, deepest_rank(ids))", [MODEL, CLI]),
     ("dropout-never-drops", "model.py", "torch.where(u[0] < p_uncond, -1,", "torch.where(u[0] < 0, -1,", [MODEL, WIRING]),
+    ("cut-depth-from-the-drop-draw", "model.py", "random_level = (u[1] * deepest", "random_level = (u[0] * deepest",
+     [MODEL]),
+    ("parent-is-a-fixed-rank", "model.py", "return cut_lineage(ids, deepest_rank(ids) - 1)",
+     "return cut_lineage(ids, ids.shape[1] - 2)", [MODEL]),
     # --- the training loop's wiring (train.py)
     ("lineage-not-cut-at-the-stage", "train.py", "ids = cut_lineage(ids.to(device), level)", "ids = ids.to(device)",
      [WIRING]),

@@ -34,6 +34,7 @@ def spy_run(monkeypatch, tmp_path, **flags):
     class Diffusion(train.Diffusion):
         def loss(self, model, x0, ids, **kw):
             seen["loss"].append((x0.clone(), ids.clone(), kw["weight"]))
+            seen.setdefault("t_eps", []).append((kw["t"].clone(), kw["eps"].clone()))
             return super().loss(model, x0, ids, **kw)
 
         def sample(self, eps_fn, shape, **kw):  # the stage grids
@@ -82,6 +83,24 @@ def test_the_loss_sees_the_data_or_its_mirror_image(tmp_path, monkeypatch):
             assert plain or flipped  # an image of the data, unchanged or mirrored left to right
             mirrored += flipped and not plain
     assert 0.25 < mirrored / (4 * 16) < 0.75  # about half: p = 0.5 (64 draws)
+
+
+def test_the_loss_gets_fresh_timesteps_over_all_of_t_and_standard_noise(tmp_path, monkeypatch):
+    _, seen = spy_run(monkeypatch, tmp_path, batch_size=64)  # 4 steps of 64
+    t = torch.stack([t for t, _ in seen["t_eps"]])  # (4, 64)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
+    assert (t < 250).any() and (t >= 750).any()  # all of [0, T): 256 draws miss a quarter with p ~ 1e-32
+    assert all(not torch.equal(t[i], t[i + 1]) for i in range(3))  # fresh every step
+    eps = torch.cat([e.flatten() for _, e in seen["t_eps"]])  # 196,608 draws
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01
+
+
+def test_random_schedule_cuts_each_example_at_its_own_depth(tmp_path, monkeypatch):
+    # --schedule random: one stage at species, each example's lineage cut at a rank drawn from class .. species
+    _, seen = spy_run(monkeypatch, tmp_path, level="species", schedule="random")
+    depths = torch.cat([(ids > 0).sum(1) - 1 for ids, *_ in seen["dropout"]])  # 10 steps of 8: (80,)
+    assert set(depths.tolist()) == {2, 3, 4, 5, 6}
+    assert all(len(set(((ids > 0).sum(1)).tolist())) > 1 for ids, *_ in seen["dropout"][:3])  # mixed in a batch
 
 
 def test_rank_tables_learn_faster_and_ema_warms_up(tmp_path, monkeypatch):

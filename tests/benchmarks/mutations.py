@@ -82,6 +82,10 @@ MUTATIONS = [
     ("noise-schedule-flag-ignored", "train.py", "Diffusion(DiffusionConfig(**stage.header[\"diffusion_config\"]))",
      "Diffusion(DiffusionConfig())", ["tests/test_train.py::test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records"]),
     ("new-rank-not-zeroed", "train.py", "torch.nn.init.zeros_(model.conditioner.embed[r].weight)", "pass", [WIRING]),
+    ("random-schedule-keeps-full-lineages", "train.py",
+     "ids = cut_lineage(ids, plan[0] + (depth * (level - plan[0] + 1)).long())", "ids = ids", [WIRING]),
+    ("timesteps-half-the-range", "model.py", "t = torch.randint(0, DiffusionConfig.timesteps, (B,),",
+     "t = torch.randint(0, DiffusionConfig.timesteps // 2, (B,),", [WIRING]),
     # --- sampling a lineage (sample.py)
     ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_level, deepest), deepest + 1)",
      "levels = range(min(root_level, deepest) + 1, deepest + 1)", [CLI]),

@@ -129,6 +129,22 @@ def test_kid_matches_the_unbiased_formula():
     assert mean == pytest.approx(xx + yy - 2 * xy) and std == pytest.approx(0, abs=1e-12)
 
 
+def test_kid_of_sets_of_two_sizes_is_the_unbiased_mmd_of_all_their_images():
+    # fid.py scores 12 generated images against 96 real ones at a coarse rank: the subsets must draw from all of
+    # each set. Averaged over random subsets, the subset estimate is the U-statistic over both whole sets.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(12, 8))
+    y = np.concatenate([rng.normal(size=(12, 8)), rng.normal(1.0, 1, size=(24, 8))])  # its last 24 rows shifted
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3  # noqa: E731
+    off_diagonal = lambda K: (K.sum() - np.trace(K)) / (len(K) * (len(K) - 1))  # noqa: E731
+    whole = off_diagonal(k(x, x)) + off_diagonal(k(y, y)) - 2 * k(x, y).mean()  # 5.81
+    first_rows = off_diagonal(k(x, x)) + off_diagonal(k(y[:12], y[:12])) - 2 * k(x, y[:12]).mean()  # 0.09
+    mean, std = fid.kernel_inception_distance(x, y, subsets=4000)
+    assert abs(mean - whole) < 4 * std / 4000 ** 0.5  # measured 1.3 standard errors; first_rows is 80 away
+    assert abs(mean - first_rows) > 40 * std / 4000 ** 0.5
+    assert (mean, std) == fid.kernel_inception_distance(x, y, subsets=4000, subset_size=6)  # default: half of 12
+
+
 def test_kid_near_zero_for_one_distribution():
     rng = np.random.default_rng(3)
     same = fid.kernel_inception_distance(rng.normal(size=(400, 16)), rng.normal(size=(400, 16)), subset_size=200)
@@ -169,6 +185,9 @@ def test_preprocess_modes(mode):
     assert y.shape == (2, 3, 299, 299) and y.dtype == torch.float32
     assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6  # float rounding of the resize may step past +-1
     assert torch.allclose(y[0], torch.full_like(y[0], -1.0))  # black is -1 in every mode
+    white = fid.preprocess(torch.full((1, 3, 16, 16), 255, dtype=torch.uint8), mode)
+    top = 1.0 if mode == "pytorch-fid" else 127 / 128  # x / 255 * 2 - 1, or (x - 128) / 128
+    torch.testing.assert_close(white, torch.full_like(white, top), atol=1e-5, rtol=0)
 
 
 def test_preprocess_unknown_mode():
@@ -243,10 +262,14 @@ def test_tf_file_maps_by_name_and_caches(tmp_path, monkeypatch):
     assert all(torch.equal(again[k], state[k]) for k in state)
 
 
+WRONG_HASH = (r"sha256 [0-9a-f]{16}\.\.\. does not match the known [0-9a-f]{8,16}\.\.\.: the file is corrupt or not "
+              r"the FID Inception weights; delete it and fetch it again$")
+
+
 def test_wrong_hash_is_rejected(tmp_path, monkeypatch):
     synthetic_tf_file(tmp_path / "default_1.pt")
     monkeypatch.setattr(fid, "fid_helper_file", lambda: tmp_path / "default_1.pt")  # FID_HELPER_SHA256 is the real one
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"default_1.pt: " + WRONG_HASH):
         fid.inception_state_dict(download=False)
     assert not (fid.cache_dir() / "fid_inception_2015-12-05.pt").exists()  # nothing half-converted is cached
 
@@ -256,9 +279,9 @@ def test_user_file_in_pytorch_fid_layout(tmp_path):
     state["fc.weight"] = torch.zeros(1008, 2048)  # pytorch-fid's file carries the classifier too
     torch.save(state, tmp_path / "my_inception.pth")
     net = fid.load_inception(tmp_path / "my_inception.pth", download=False)
-    assert isinstance(net, fid.FIDInception)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the file's weights, fc left out
     torch.save(state, tmp_path / "pt_inception-2015-12-05-6726825d.pth")  # the standard name has a known hash
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"pt_inception-2015-12-05-6726825d.pth: " + WRONG_HASH):
         fid.inception_state_dict(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
 
 

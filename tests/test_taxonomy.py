@@ -37,7 +37,8 @@ def test_parse_errors_suggest_the_right_name(toy):
         toy.parse("Aves/Paseriformes")
     with pytest.raises(LineageError, match="its class is 'Aves'.*Aves/Passeriformes"):
         toy.parse("Insecta/Passeriformes")
-    with pytest.raises(LineageError, match="cannot read"):
+    with pytest.raises(LineageError, match=r"^cannot read lineage 'Aves//Corvidae': write names from coarse to fine, "
+                                           r"separated by '/', e\.g\. 'Aves/Passeriformes/\.\.\.'$"):
         toy.parse("Aves//Corvidae")
 
 

@@ -80,7 +80,10 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     last = torch.load(out / "order.last.pt", weights_only=True)
     assert last["step"] == 2 and not (out / "order.pt").exists()
     monkeypatch.undo()
+    steps, real_ema = [], train.update_ema  # the weights alone cannot tell a resume from a restart (both seeded)
+    monkeypatch.setattr(train, "update_ema", lambda *a: steps.append(1) or real_ema(*a))
     train.main(replace(cfg, out=str(out)))  # the same command again
+    assert len(steps) == 6 - 2  # the order stage's steps after the saved one, and no more
     assert not (out / "order.last.pt").exists()
     for level in ["class", "order"]:
         assert_same_weights(tmp_path / "straight" / f"{level}.pt", out / f"{level}.pt")

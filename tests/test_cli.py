@@ -90,19 +90,25 @@ def test_sample_without_checkpoint_is_one_clear_line(tmp_path):
 # The lineage a user types reaches the network, with the negative --guide-from asks for
 
 
-@pytest.fixture(scope="module")
-def species_checkpoint(tmp_path_factory):
-    """An untrained tiny species-level checkpoint of the toy tree, as train.py writes it (its first stage: class)."""
+def untrained_checkpoint(folder, first_level="class"):
+    """An untrained tiny species-level checkpoint of the toy tree, as train.py writes it."""
     import train
     from model import TaxaDiffusion, run_header, save_checkpoint
     from unet import UNetConfig
-    cfg = train.TrainConfig(level="species", size="tiny", image_size=16, per_species=1, batch_size=1, device="cpu")
+    cfg = train.TrainConfig(level="species", first_level=first_level, size="tiny", image_size=16, per_species=1,
+                            batch_size=1, device="cpu")
     _, taxonomy, plan = train.load_dataset(cfg)
     header = run_header(cfg, taxonomy, plan)
     state = TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]).state_dict()
-    path = tmp_path_factory.mktemp("ckpt") / "species.pt"
+    path = folder / "species.pt"
     save_checkpoint(path, **header, model=state, ema=state, level="species")
     return path, taxonomy
+
+
+@pytest.fixture(scope="module")
+def species_checkpoint(tmp_path_factory):
+    """Its first stage: class."""
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def conditions_seen(monkeypatch, *argv):
@@ -130,6 +136,14 @@ def test_the_lineage_and_its_negative_reach_the_network(species_checkpoint, tmp_
     assert len(seen) == 2  # one call per step: both guidance branches in one batch
     for ids in seen:
         assert torch.equal(ids, torch.stack([raven, raven, neg, neg]))  # (2 images, then their 2 negatives)
+
+
+def test_the_root_negative_is_the_checkpoints_first_stage(tmp_path, monkeypatch):
+    path, taxonomy = untrained_checkpoint(tmp_path, first_level="order")  # stages order .. species
+    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus corax", "--guide-from", "root",
+                           "--out", str(tmp_path / "s.png"))
+    raven, root = (torch.tensor(taxonomy.parse(n)) for n in ("Corvus corax", "Aves/Passeriformes"))
+    assert all(torch.equal(ids, torch.stack([raven, raven, root, root])) for ids in seen)
 
 
 def test_refine_rows_walk_down_the_lineage(species_checkpoint, tmp_path, monkeypatch):

@@ -87,6 +87,7 @@ MUTATIONS = [
     ("timesteps-half-the-range", "model.py", "t = torch.randint(0, DiffusionConfig.timesteps, (B,),",
      "t = torch.randint(0, DiffusionConfig.timesteps // 2, (B,),", [WIRING]),
     # --- sampling a lineage (sample.py)
+    ("root-is-always-class", "sample.py", 'root_level = RANKS.index(ckpt["stages"][0])', "root_level = 2", [CLI]),
     ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_level, deepest), deepest + 1)",
      "levels = range(min(root_level, deepest) + 1, deepest + 1)", [CLI]),
     # --- the metrics (fid.py)

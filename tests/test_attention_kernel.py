@@ -37,7 +37,7 @@ CHECK = textwrap.dedent("""
             grads = torch.autograd.grad(o, (q, k, v), do)
             # the backward once more with one query slice per key block: dk, dv are then written
             # directly instead of as partial sums; both must give the same gradients
-            split_err = 0.0
+            split_err = None
             if dtype == torch.float32:  # (once per shape: the interpreter is slow)
                 unet.BACKWARD_PROGRAMS = 1
                 grads_1 = torch.autograd.grad(flash_attention(q, k, v), (q, k, v), do)
@@ -90,8 +90,10 @@ def test_kernel_matches_reference(results, i):
     tol = 1e-5 if r["dtype"] == "torch.float32" else 1e-2  # of the largest entry (or absolute, below 1)
     for name, e in zip(["o", "dq", "dk", "dv"], r["err"]):
         assert e < tol, f"{name} off by {e:.2e} (relative) for {r['shape']} {r['dtype']}"
-    # fp32 partial sums against direct writes: only the rounding of the last cast differs
-    assert r["split_err"] < tol, f"one slice vs several: off by {r['split_err']:.2e} for {r['shape']} {r['dtype']}"
+    # fp32 partial sums against direct writes: only the rounding of the last cast differs (checked in fp32 only)
+    assert (r["split_err"] is None) == (r["dtype"] != "torch.float32")
+    if r["split_err"] is not None:
+        assert r["split_err"] < tol, f"one slice vs several: off by {r['split_err']:.2e} for {r['shape']}"
 
 
 def test_unet_with_kernel_matches_reference(results):
@@ -153,7 +155,8 @@ def test_kernels_compile_for_the_gpu():
     proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(TARGETS)], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 0
+    # each of the 4 kernels for every pointer type and head dim of TARGETS (3 x 4 + 1 x 2) and both key blocks
+    assert int(proc.stdout.split()[-1]) == 4 * (3 * 4 + 1 * 2) * 2
 
 
 # -----------------------------------------------------------------------------

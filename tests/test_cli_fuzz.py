@@ -83,7 +83,8 @@ def argv_for(action, value):
 
 def parse(script, argv):
     module = SCRIPTS[script]
-    base = ["x.pt"] if script == "fid.py" else []  # fid.py wants an input (see workdir)
+    # fid.py wants an input (see workdir): a checkpoint, or for --save-stats a folder of images
+    base = (["."] if argv[0].startswith("--save-stats") else ["x.pt"]) if script == "fid.py" else []
     return getattr(module, "parse_args", lambda a: module.build_parser().parse_args(a))(base + argv)
 
 

@@ -686,7 +686,7 @@ def decode_images(items, size, cache_dir=None, workers=0):
     The key hashes every file's path, size and modification time, the crops and the image size, so
     changing any of them decodes again. Missing and unreadable files are skipped and counted.
     """
-    present, missing, key = [], [], hashlib.sha1(f"v1 {size}".encode())  # bump v1 when load_image changes
+    present, missing, key = [], [], hashlib.sha1(f"v2 {size}".encode())  # bump v2 when load_image or the layout changes
     for i, item in enumerate(items):
         try:
             st = os.stat(item.path)
@@ -698,9 +698,9 @@ def decode_images(items, size, cache_dir=None, workers=0):
         present.append(i)
         key.update(f"{os.path.abspath(item.path)}|{st.st_size}|{st.st_mtime_ns}|{item.box}|{item.pad}\n".encode())
     cache = cache_dir and os.path.join(cache_dir, f"images-{size}px-{key.hexdigest()[:16]}")
-    if cache and os.path.exists(cache + ".json"):
-        with open(cache + ".json") as f:
-            unreadable = dict(json.load(f)["unreadable"])
+    if cache and os.path.exists(cache + ".json") and os.path.exists(cache + ".npy"):
+        with open(cache + ".json") as f:  # positions among the present files: rows without a file may come and go
+            unreadable = {present[j]: why for j, why in json.load(f)["unreadable"]}
         images = np.load(cache + ".npy", mmap_mode="c")  # copy-on-write: the file is never changed
         print(f"images: {cache}.npy (cached; decoded again when the files or --image-size change)")
     else:
@@ -719,6 +719,7 @@ def decode_into(items, present, size, cache, workers):
     shape = (len(present), 3, size, size)
     if cache:  # written under a temporary name: an interrupted run leaves no half cache behind
         os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        remove_stale_temporaries(Path(cache).parent, size)
         tmp = f"{cache}.{os.getpid()}.tmp"
         images = np.lib.format.open_memmap(tmp + ".npy", mode="w+", dtype=np.uint8, shape=shape)
     else:
@@ -740,11 +741,25 @@ def decode_into(items, present, size, cache, workers):
         if ".tmp" not in old.name and not old.name.startswith(os.path.basename(cache)):
             old.unlink()
     os.replace(tmp + ".npy", cache + ".npy")
+    position = {i: j for j, i in enumerate(present)}
     with open(tmp + ".json", "w") as f:
-        json.dump({"unreadable": sorted(unreadable.items())}, f)
+        json.dump({"unreadable": sorted((position[i], why) for i, why in unreadable.items())}, f)
     os.replace(tmp + ".json", cache + ".json")  # last: the cache counts only once this exists
     print(f"images: {cache}.npy (decoded once; later runs and stages read it)")
     return np.load(cache + ".npy", mmap_mode="c"), unreadable
+
+
+def remove_stale_temporaries(folder, size):
+    """Delete the half-written caches of decodes that were interrupted (their process is gone): each is as large
+    as the whole cache. Another process's decode in progress is left alone."""
+    for tmp in folder.glob(f"images-{size}px-*.*.tmp.*"):
+        pid = tmp.name.split(".")[-3]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not our naming, or another user's live process
+            pass
 
 
 if __name__ == "__main__":

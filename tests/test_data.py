@@ -211,6 +211,37 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch, capsys):
     assert "decoded once" in capsys.readouterr().out
 
 
+def test_a_cached_run_keeps_each_image_with_its_row_when_rows_without_files_come_and_go(tmp_path, capsys):
+    # a.png, an unreadable b.png and c.png: the cache must not remember b by its row number, which a row
+    # added above it (its file missing: the key hashes only present files) would shift onto a's image
+    png(tmp_path / "a.png", value=10)
+    (tmp_path / "b.png").write_text("not an image")
+    png(tmp_path / "c.png", value=200)
+    rows = [["image", "genus", "species"], ["a.png", "Ga", "alpha"], ["b.png", "Gb", "beta"], ["c.png", "Gc", "gamma"]]
+    out = str(tmp_path / "out")
+    for table in (rows, rows[:1] + [["gone.png", "Gz", "zeta"]] + rows[1:]):  # decoded, then read from the cache
+        images, lineages, _ = load_data(str(write_csv(tmp_path / "t.csv", table)), size=8, cache_dir=out)
+        assert [(lin[-1], int(im.max())) for lin, im in zip(lineages, images)] == [("Ga alpha", 10), ("Gc gamma", 200)]
+    assert "cached" in capsys.readouterr().out
+    # the cache's array deleted by hand (its .json kept): decoded again, not a FileNotFoundError
+    for f in (tmp_path / "out").glob("images-8px-*.npy"):
+        f.unlink()
+    images, _, _ = load_data(str(write_csv(tmp_path / "t.csv", rows)), size=8, cache_dir=out)
+    assert [int(im.max()) for im in images] == [10, 200] and "decoded once" in capsys.readouterr().out
+
+
+def test_a_decode_that_was_interrupted_leaves_no_temporary_behind(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f"images-8px-0123456789abcdef.{int(dead.stdout)}.tmp.npy"  # a pid that has exited
+    live = folder / f"images-8px-0123456789abcdef.{os.getpid()}.tmp.npy"  # a decode in progress
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    taxonomy.remove_stale_temporaries(folder, 8)
+    assert not stale.exists() and live.exists()
+
+
 def test_with_several_processes_process_0_decodes_and_the_others_read_its_cache(tmp_path, monkeypatch):
     """Two processes decoding into one cache raced (one deleted the file the other had just written): process 0
     decodes, then the barrier; the others wait at the barrier, then read the cache without decoding."""

@@ -284,8 +284,9 @@ def trainable(name, freeze, new_ranks):
 
 def flat_lineage(lineage, finest):
     """The flat baseline's label: one name alone at its rank, no hierarchy above it. The name is the lineage's
-    at rank `finest` (the rank the run trains down to), or its leaf where the lineage stops above that rank."""
-    leaf = max(r for r, name in enumerate(lineage[:finest + 1]) if name)
+    at rank `finest` (the rank the run trains down to), or its leaf where the lineage stops above that rank
+    (none where it names nothing that coarse: that image trains unconditioned)."""
+    leaf = max((r for r, name in enumerate(lineage[:finest + 1]) if name), default=None)
     return tuple(name if r == leaf else None for r, name in enumerate(lineage))
 
 
@@ -330,6 +331,10 @@ def load_dataset(cfg, rank=0, world=1):
     any checkpoint is touched). The flat baseline keeps only each image's name at the finest rank trained."""
     images, lineages, found = read_data(cfg, rank, world)
     plan = stage_plan(found, cfg.first_level, cfg.level)  # from the full hierarchy, also for flat: the same steps
+    if not found.size(plan[0]):  # e.g. folders that start at family, and the default --level order
+        coarsest = RANKS[min(r for r in range(len(RANKS)) if found.size(r))]
+        raise SystemExit(f"error: {cfg.data} names no {cfg.first_level} to {cfg.level} (its coarsest rank is "
+                         f"{coarsest}): train with --level {coarsest} or finer")
     if rank == 0 and (note := skipped_ranks_note(found, plan, cfg.first_level, cfg.level)):
         print(note)  # a rank asked for that gets no stage: said before any training
     if len(images) < cfg.batch_size:

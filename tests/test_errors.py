@@ -146,6 +146,22 @@ def test_a_run_that_fills_the_disk_stops_with_its_last_checkpoint_whole(tmp_path
     assert read_checkpoint(str(tmp_path / "class.last.pt"))["step"] == 1
 
 
+def test_data_that_names_nothing_down_to_the_level_is_one_line(tmp_path):
+    """Folders that start at family, and the default --level order: no stage could condition on anything."""
+    import train
+    from fixtures import save, species, toy_image
+    for s, lineage, traits in species()[:2]:
+        for k in range(2):
+            save(toy_image(s, traits, k), tmp_path.joinpath("data", *lineage[4:], f"{k}.png"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "class.pt").write_bytes(b"earlier work")
+    cfg = train.TrainConfig(data=str(tmp_path / "data"), top_rank="family", workers=0, out=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path}/data names no class to order \(its coarsest rank is "
+                                         r"family\): train with --level family or finer$"):
+        train.main(cfg)
+    assert (tmp_path / "out" / "class.pt").read_bytes() == b"earlier work"
+
+
 def test_ranks_without_a_stage_are_named_before_training(tmp_path, capsys):
     """One genus of one species: the ranks --level asks for get no stage, and train.py says why first."""
     import train

@@ -51,6 +51,8 @@ def test_flat_lineage_keeps_one_name_alone():
     assert train.flat_lineage(lineage, 3) == (None,) * 3 + ("Passeriformes",) + (None,) * 3  # --level order
     short = ("Animalia", None, "Aves", None, None, None, None)  # a lineage that stops above the rank: its leaf
     assert train.flat_lineage(short, 6) == (None, None, "Aves") + (None,) * 4
+    genus_only = (None, None, None, None, None, "Corvus", "Corvus corax")  # nothing at order or above
+    assert train.flat_lineage(genus_only, 3) == (None,) * 7
 
 
 def test_freeze_policies_pick_parameters():

@@ -548,6 +548,9 @@ def read_table(path, layout="csv", columns="", image_root="", boxes=""):
         raise DataError(f"--columns: unknown name(s) {', '.join(set(rename) - set(RANKS) - set(required))}; "
                         f"ours are {', '.join(dict.fromkeys(required + RANKS))}")
     box_of = read_json(boxes) if boxes else {}
+    if not isinstance(box_of, dict):
+        raise DataError(f"{boxes}: expected a JSON object {{file stem: {{x, y, w, h}}}}, found a "
+                        f"{type(box_of).__name__}")
     items = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -556,15 +559,22 @@ def read_table(path, layout="csv", columns="", image_root="", boxes=""):
             reader = csv.DictReader(f, delimiter=delimiter)
             found = {h.strip().lower(): h for h in reader.fieldnames or []}
             col = {c: found.get(rename.get(c, c).lower()) for c in dict.fromkeys(required + RANKS)}
-            absent = [rename.get(c, c) for c in required if col[c] is None]
+            # a required column, or one --columns names, that the file lacks (a typo would drop its rank silently)
+            absent = [rename.get(c, c) for c in dict.fromkeys([*required, *rename]) if col[c] is None]
             if absent or not any(col[r] for r in RANKS):
                 expected = [rename.get(c, c) for c in required] + ["/".join(RANKS)] * (layout == "csv")
                 raise DataError(f"{path}: missing column(s) {', '.join(absent) or 'of any rank'}; found: "
                                 f"{', '.join(reader.fieldnames or [])}; expected: {', '.join(expected)} "
                                 "(map yours with --columns)")
+            end = reader.line_num  # the header's last line
             for row in reader:
+                start, end = end + 1, reader.line_num  # the lines this row spans (after any blank ones)
+                where = f"{path.name} row {end}"
+                if any("\n" in (row[h] or "") for h in col.values() if h):  # a quote opened, never closed on its line
+                    raise DataError(f"{path.name} lines {start}-{end}: one cell runs over them, from an unclosed "
+                                    "quote (\"); close it or remove it")
                 row = {c: (row[h] or "").strip() if h else "" for c, h in col.items()}  # a short row gives None
-                image, where = image_of(row), f"{path.name} row {reader.line_num}"
+                image = image_of(row)
                 box = box_of.get(Path(image).stem)
                 try:
                     box = box and tuple(float(box[k]) for k in "xywh")
@@ -574,6 +584,9 @@ def read_table(path, layout="csv", columns="", image_root="", boxes=""):
                 items.append(Item(str(root / image), lineage, where, box, pad=layout == "bioscan"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:  # e.g. a cell over the csv module's size limit, after an unclosed quote
+        raise DataError(f"{path}: cannot parse it as CSV ({e}), near line {reader.line_num}; look for an "
+                        "unclosed quote (\") there or above") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
     return items

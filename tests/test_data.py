@@ -135,6 +135,28 @@ def test_missing_and_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
     assert "skipped 3 of 26 images: 1 missing, 2 unreadable; first: " in out and "Corvus_corax_1.jpg (missing)" in out
 
 
+def test_a_misspelled_column_an_unclosed_quote_and_a_list_of_boxes_are_one_line(tmp_path):
+    png(tmp_path / "a.png")
+    rows = [["image", "genus", "scientific_name"]] + [[f"{i}.png", "Corvus", "Corvus corax"] for i in range(5)]
+    table = write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(DataError, match=r"t.csv: missing column\(s\) scientific_nam; found: image, genus, "
+                                        r"scientific_name; expected: image, kingdom/.*\(map yours with --columns\)$"):
+        read_items(table, columns="species=scientific_nam")  # would have dropped the species rank silently
+    table.write_text('image,genus,species\n0.png,Corvus,"corax\n1.png,Corvus,corone\n2.png,Corvus,frugilegus\n')
+    with pytest.raises(DataError, match=r"^t.csv lines 2-4: one cell runs over them, from an unclosed quote \(\"\); "
+                                        r"close it or remove it$"):
+        read_items(table)  # would have read one row whose species is the rest of the file
+    table.write_text('image,genus,species\n0.png,Corvus,"corax' + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"t.csv: cannot parse it as CSV \(field larger than field limit"):
+        read_items(table)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text('[{"image": "0.png", "x": 0, "y": 0, "w": 4, "h": 4}]')
+    write_csv(table, rows)
+    with pytest.raises(DataError, match=r"boxes.json: expected a JSON object \{file stem: \{x, y, w, h\}\}, "
+                                        r"found a list$"):
+        read_items(table, "csv", boxes=str(boxes))
+
+
 def test_nothing_readable_is_an_error_naming_the_path(tmp_path):
     add_broken(tmp_path / "Corvidae/Corvus/Corvus corax")
     with pytest.raises(DataError, match=f"{tmp_path}: no images to train on .skipped 2 of 2"):

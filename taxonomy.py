@@ -69,10 +69,20 @@ class Taxonomy:
     def add(self, lineage, where=None):
         """Insert a lineage; returns its ids. A taxon under two parents is an error naming both places.
 
+        An empty rank is unknown, not absent: Aves/Passeriformes/-/Corvus and Aves/Passeriformes/Corvidae/Corvus
+        agree, and Corvus's parent is the more precise of the two (Corvidae), whichever came first.
         A lineage that conflicts inserts nothing, so the caller may skip or fix it and go on.
         """
         assert len(lineage) == len(RANKS), f"a lineage has {len(RANKS)} ranks, got {lineage}"
-        ids, above, new = [], None, []  # above = (rank, id) of the nearest known ancestor
+        ids, above, new, moved = [], None, [], []  # above = (rank, id) of the nearest known ancestor
+        pending = {}  # (rank, id) -> parent, of the taxa this lineage adds
+
+        def is_above(a, node):  # a (None = the root) is a proper ancestor of node
+            while node is not None:
+                node = pending[node] if node in pending else self.parent[node[0]][node[1]]
+                if node == a:
+                    return True
+            return a is None
         for r, name in enumerate(lineage):
             if not name:
                 ids.append(0)
@@ -81,6 +91,11 @@ class Taxonomy:
             if i is None:
                 i = len(self.vocab[r])  # a new taxon, inserted once the whole lineage has been checked
                 new.append((r, i, name, above))
+                pending[r, i] = above
+            elif self.parent[r][i] != above and is_above(above, self.parent[r][i]):
+                pass  # this lineage leaves a rank empty that the tree knows: the same parent, less precisely
+            elif self.parent[r][i] != above and is_above(self.parent[r][i], above):
+                moved.append((r, i, above))  # the tree had it under a gap that this lineage fills in
             elif self.parent[r][i] != above:
                 first = self.describe(self.parent[r][i]) + (f" ({self.where[r, i]})" if (r, i) in self.where else "")
                 again = f"{RANKS[above[0]]} '{lineage[above[0]]}'" if above else "the root"
@@ -95,6 +110,8 @@ class Taxonomy:
             self.parent[r][i] = parent
             if where:
                 self.where[(r, i)] = where
+        for r, i, parent in moved:
+            self.parent[r][i] = parent
         return ids
 
     def describe(self, node):

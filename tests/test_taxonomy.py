@@ -48,6 +48,21 @@ def test_taxon_under_two_parents_is_an_error():
                   (None, None, "Aves", "Passeriformes", "Paridae", "Corvus", "Corvus corone")])
 
 
+@pytest.mark.parametrize("gap_first", [True, False])
+def test_an_empty_rank_is_unknown_not_a_second_parent(gap_first):
+    gapped = (None, None, "Aves", "Passeriformes", None, "Corvus", "Corvus corax")  # the family cell left empty
+    full = (None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corone")
+    tax = Taxonomy([gapped, full] if gap_first else [full, gapped])
+    g = RANKS.index("genus")
+    assert tax.lineage_str(tax.ancestors(g, tax.index[g]["corvus"])) == "Aves/Passeriformes/Corvidae/Corvus"
+    assert tax.ancestors(6, tax.index[6]["corvus corax"])[:6] == tax.ancestors(6, tax.index[6]["corvus corone"])[:6]
+    assert Taxonomy(tax.lineages()).vocab == tax.vocab  # a checkpoint's lineages rebuild the same ids
+    tax.add((None, None, None, None, None, "Corvus", "Corvus cornix"))  # nothing above the genus: no conflict
+    with pytest.raises(LineageError, match="genus 'Corvus' is placed under both family 'Corvidae' and order "
+                                           "'Strigiformes'"):  # a gap, but under another order: a real conflict
+        tax.add((None, None, "Aves", "Strigiformes", None, "Corvus", "Corvus monedula"))
+
+
 def test_conflict_names_both_places_and_inserts_nothing():
     tax = Taxonomy([])
     tax.add((None, None, "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"), where="a.csv row 2")

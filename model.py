@@ -17,6 +17,7 @@ Read next: train.py (the stage-by-stage training loop), then sample.py.
 """
 import argparse
 import contextlib
+import datetime
 import errno
 import hashlib
 import inspect
@@ -626,7 +627,9 @@ def start_processes(cfg):
     if "RANK" not in os.environ:
         return 0, 1, cfg
     on_gpu = cfg.device.startswith("cuda")
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+    # process 0 alone decodes the images, encodes the latents and draws the grids while the others wait at a
+    # barrier: on a large dataset that outlasts NCCL's default 10-minute timeout, which would end the run
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(hours=6))
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         cfg = replace(cfg, device=f"cuda:{os.environ['LOCAL_RANK']}")

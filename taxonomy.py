@@ -622,7 +622,8 @@ def read_inat_json(path, image_root=""):
             names = [taxon.get(r) for r in RANKS[:-1]] + [taxon.get("specific_epithet")]  # species = genus + epithet
             items.append(Item(str(root / files[a["image_id"]]), make_lineage(names), f"{path.name} category {taxon['id']}"))
     except (KeyError, TypeError) as e:
-        raise DataError(f"{path}: not iNaturalist JSON ({e} is missing); expected images (id, file_name), annotations "
+        why = f"{e} is missing" if isinstance(e, KeyError) else "a field holds the wrong kind of value"
+        raise DataError(f"{path}: not iNaturalist JSON ({why}); expected images (id, file_name), annotations "
                         "(image_id, category_id) and categories (id, kingdom ... genus, specific_epithet)") from None
     return items
 

@@ -203,6 +203,9 @@ def test_malformed_json_names_file_and_position(tmp_path):
     (tmp_path / "train.json").write_text('{"images": []}')
     with pytest.raises(DataError, match="train.json: not iNaturalist JSON .'categories' is missing"):
         read_items(tmp_path / "train.json")
+    (tmp_path / "train.json").write_text('{"images": [], "annotations": [], "categories": [["id", 1]]}')
+    with pytest.raises(DataError, match=r"train.json: not iNaturalist JSON \(a field holds the wrong kind of value\); "):
+        read_items(tmp_path / "train.json")
     with pytest.raises(DataError, match="nope.csv: no such file or folder"):
         read_items(tmp_path / "nope.csv")
 

@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 from model import (Diffusion, DiffusionConfig, autoencoder_of, finest_checkpoint, guided_eps_fn, load_checkpoint,
                    to_pixels)
-from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
+from model import (device_name, finite_float, input_path, nonneg_int, output_path, positive_int, sampling_steps,
+                   script_parser)
 from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, species_counts, toy_dataset, toy_species
 
 # -----------------------------------------------------------------------------
@@ -71,6 +72,8 @@ from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, species_counts, toy_dataset, t
 def statistics(features):
     """features (N, d) -> (mu (d,), Sigma (d, d)) in float64, Sigma unbiased (divides by N - 1)."""
     features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"FID needs at least 2 images to estimate a covariance (got {len(features)})")
     return features.mean(0), np.cov(features, rowvar=False)
 
 
@@ -182,15 +185,22 @@ def kernel_inception_distance(f1, f2, subsets=100, subset_size=None, seed=0):
 
 
 def save_statistics(path, mu, sigma):
-    """An .npz with mu and sigma, the layout pytorch-fid reads and writes."""
-    np.savez(path, mu=mu, sigma=sigma)
+    """An .npz with mu and sigma, the layout pytorch-fid reads and writes, at exactly `path` (np.savez given a
+    name would add .npz to it)."""
+    with open(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_statistics(path):
+    """mu and sigma from an .npz, checked as soon as it is read (before any sampling): finite, of one dimension."""
     with np.load(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path}: an .npz of FID statistics needs arrays 'mu' and 'sigma', found {list(f)}")
-        return f["mu"], f["sigma"]
+        mu, sigma = f["mu"], f["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: expected finite statistics, mu (d,) and sigma (d, d); found mu {mu.shape} and "
+                         f"sigma {sigma.shape}{'' if np.isfinite(sigma).all() else ' holding NaN or inf'}")
+    return mu, sigma
 
 
 # -----------------------------------------------------------------------------
@@ -401,6 +411,9 @@ def evaluate_checkpoint(args):
         real_f, real_cf = None, None
         if str(args.real).endswith(".npz"):
             real_mu, real_sigma = load_statistics(args.real)
+            if real_mu.shape != (2048,):  # e.g. pytorch-fid --dims 768: said now, not after the sampling
+                raise ValueError(f"{args.real}: statistics of {len(real_mu)}-d features; FID here uses Inception's "
+                                 "2048-d pool3 (pytorch-fid's default --dims 2048)")
         else:
             real_f = inception_features(net, load_folder(args.real), args.mode, args.batch_size, args.device)
 
@@ -489,7 +502,10 @@ def compare_sets(args):
         if net is None:  # loaded only when there are images to look at
             net = load_inception(args.inception, args.device)
         f = inception_features(net, load_folder(path), args.mode, args.batch_size, args.device, f"inception ({path})")
-        stats.append(statistics(f))
+        try:
+            stats.append(statistics(f))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         feats.append(f)
     if args.save_stats:
         save_statistics(args.save_stats, *stats[0])
@@ -510,7 +526,7 @@ def build_parser():
                    help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
     p.add_argument("--n-per-taxon", type=positive_int, default=10,
                    help="images generated per taxon of the finest rank")
-    p.add_argument("--steps", type=positive_int, default=15, help="sampling steps (network calls per guidance branch)")
+    p.add_argument("--steps", type=sampling_steps, default=15, help="sampling steps (network calls per guidance branch)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++",
                    help="dpm++: DPM-Solver++(2M), second order (15 steps score as DDIM's 50); ddim; ddpm")
     p.add_argument("--guidance", type=finite_float, nargs="+", default=[1.0, 3.0],
@@ -541,6 +557,13 @@ def parse_args(argv=None):
         args.ckpt = finest_checkpoint("out")
     if args.ckpt and args.save_stats:
         p.error("argument --save-stats: saves the statistics of an image folder, not of a checkpoint's samples")
+    if args.ckpt and args.inputs:
+        p.error("give one checkpoint, or image folders and .npz files, not both")
+    if args.inputs and (args.real is not None or args.guidance != p.get_default("guidance")):
+        p.error(f"argument {'--real' if args.real is not None else '--guidance'}: scores a checkpoint's samples; "
+                "two folders or .npz files are compared as they are")
+    if args.save_stats and os.path.isdir(args.save_stats):
+        p.error(f"argument --save-stats: {args.save_stats} is a folder; give a file name, e.g. real.npz")
     if args.inputs and (len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats)):
         p.error("give two image folders or .npz files (or one with --save-stats), or one checkpoint")
     return args
@@ -953,8 +976,11 @@ def load_folder(folder):
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) found")
     images = []
     for p in tqdm(files, desc=f"reading {folder}", leave=False):
-        with Image.open(p) as im:
-            images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))  # (3, H, W)
+        try:
+            with Image.open(p) as im:
+                images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))  # (3, H, W)
+        except OSError as e:  # not an image, or a truncated one: FID of a set with a hole would mislead
+            raise ValueError(f"{p}: cannot read it as an image ({e}); remove it or replace it") from None
     sizes = {tuple(x.shape) for x in images}
     if len(sizes) > 1:
         raise ValueError(f"{folder}: images of several sizes {sorted(sizes)[:3]}; resize them to one size first")

@@ -202,6 +202,8 @@ class Diffusion(nn.Module):
         lambda_t = log(alpha_t / sigma_t) = log(alpha_bar_t / (1 - alpha_bar_t)) / 2 is half the log signal-to-noise
         ratio (alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) in the DPM-Solver papers' names).
         """
+        if not 1 <= steps <= self.T:  # T distinct timesteps exist; more would index alpha_bar below t = 0
+            raise ValueError(f"steps must be 1 to T = {self.T} (got {steps})")
         if spacing == "time":
             return torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long()  # e.g. 999, 979, ..., 0
         if spacing != "logsnr":
@@ -1161,6 +1163,15 @@ def positive_int(text):
     return _integer(text, 1, "a positive integer")
 
 
+def sampling_steps(text):
+    """1 .. T: a sampler's network calls, one per timestep of the T the model was trained on (more would reach
+    below t = 0, where the log-SNR spacing indexes alpha_bar from its end)."""
+    n = positive_int(text)
+    if n > DiffusionConfig.timesteps:
+        raise argparse.ArgumentTypeError(f"must be at most T = {DiffusionConfig.timesteps} (got {n})")
+    return n
+
+
 def nonneg_int(text):
     """0, 1, 2, ...: a seed, or a count where 0 means none (or the default)."""
     return _integer(text, 0, "a non-negative integer")
@@ -1219,6 +1230,15 @@ def input_path(text):
     return text
 
 
+def image_path(text):
+    """An image file that can be written, in a format PIL saves (by its extension: .png, .jpg, ...)."""
+    text = output_path(text)
+    ext = os.path.splitext(text)[1].lower()
+    if os.path.isdir(text) or Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"must be an image file name such as out/samples.png (got '{text}')")
+    return text
+
+
 def output_path(text):
     """A file or folder that can be written: it, or the nearest folder above it that exists, is writable."""
     up = os.path.abspath(text)
@@ -1273,7 +1293,7 @@ TRAIN_FLAG_CHECKS = {
     "cooldown": fraction, "grad_clip": positive_float, "ema_decay": fraction, "image_size": positive_int,
     "per_species": per_species, "image_root": input_path, "boxes": input_path, "seed": nonneg_int,
     "device": device_name, "out": output_path, "workers": nonneg_int, "save_every": nonneg_int,
-    "guidance": finite_float, "grid_cols": positive_int, "grid_steps": positive_int}
+    "guidance": finite_float, "grid_cols": positive_int, "grid_steps": sampling_steps}
 
 
 def check_flag_pairs(cfg, error):

@@ -19,7 +19,8 @@ import torch
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, autoencoder_of, cut_lineage, deepest_rank,
                    finest_checkpoint, load_checkpoint, sample_rows, save_grid)
-from model import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser
+from model import (device_name, finite_float, image_path, input_path, nonneg_int, positive_int, sampling_steps,
+                   script_parser)
 from taxonomy import RANKS, LineageError, Taxonomy
 
 
@@ -62,7 +63,7 @@ def build_parser():
     p = script_parser(__doc__)
     p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
     p.add_argument("--n", type=positive_int, default=16, help="images (per row with --refine)")
-    p.add_argument("--steps", type=positive_int, default=15, help="sampling steps (network calls per guidance branch)")
+    p.add_argument("--steps", type=sampling_steps, default=15, help="sampling steps (network calls per guidance branch)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++",
                    help="dpm++: DPM-Solver++(2M), second order (15 steps score as DDIM's 50); ddim; ddpm")
     p.add_argument("--guidance", type=finite_float, default=3.0, help="guidance scale s; 1 = no guidance")
@@ -71,7 +72,7 @@ def build_parser():
     p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the noise: a seed gives the same pictures")
     p.add_argument("--ckpt", type=input_path, default=None, help="default: the finest stage checkpoint in out/")
-    p.add_argument("--out", type=output_path, default=None,
+    p.add_argument("--out", type=image_path, default=None,
                    help="PNG to write (default: out/samples.png, or out/refine.png)")
     p.add_argument("--list", action="store_true", help="print the checkpoint's taxonomy tree and exit")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",

@@ -19,8 +19,8 @@ import fid
 import model
 import sample
 import train
-from model import (device_name, downsampling_factor, finite_float, fraction, input_path, nonneg_int, output_path,
-                   per_species, positive_float, positive_int, positive_int_list)
+from model import (device_name, downsampling_factor, finite_float, fraction, image_path, input_path, nonneg_int,
+                   output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,6 +49,8 @@ BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the 
     per_species: ["0", "-4", "", "1.5", "abc", "pairs:64", "pairs:64/0", "zipf:0", "zipf:x"],
     input_path: [MISSING],  # '' is the flag left unset
     output_path: ["", UNWRITABLE],
+    image_path: ["", UNWRITABLE + ".png", "out/samples", "out/samples.txt", "."],  # no image extension, a folder
+    sampling_steps: ["0", "-4", "1001", HUGE, "nan", "", "1.5", "abc"],  # at most T = 1000
     device_name: ["", "gpu", "cuda:99", "cpu:x"],
     downsampling_factor: ["", "0", "3", "16", "4.0", "abc"],
     "choices": ["", "nope"],
@@ -58,6 +60,7 @@ GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; -
     fraction: ["0", "0.5"], positive_int_list: ["5", "200,200,600"], per_species: ["4", "pairs:64/4", "zipf:64"],
     input_path: ["", ROOT],
     output_path: ["fresh/sub/folder"], device_name: ["cpu"], downsampling_factor: ["2", "8"],
+    image_path: ["fresh/sub/a.png", "b.JPG"], sampling_steps: ["1", "15", "1000"],
 }
 FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child"}  # read at run time (bad --data: test below)
 

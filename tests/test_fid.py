@@ -342,6 +342,63 @@ def test_torchmetrics_documented_example():
     assert fid.frechet_distance(*fid.statistics(fa), *fid.statistics(fb)) == pytest.approx(13.5367, abs=1e-3)
 
 
+def test_image_sets_that_cannot_give_a_fid_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
+                                                                                  torch.nn.Flatten()))
+    for name, n in [("a", 3), ("one", 1)]:  # folders of 3 images and of 1
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+    run = lambda *argv: fid.main(fid.parse_args([*map(str, argv), "--device", "cpu"]))  # noqa: E731
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/one: FID needs at least 2 images to estimate a covariance "
+                                         r"\(got 1\)$"):
+        run(tmp_path / "a", tmp_path / "one")  # was a misleading "not valid covariances", or NaN statistics saved
+    run(tmp_path / "a", "--save-stats", tmp_path / "stats")  # exactly that name (np.savez would add .npz)
+    assert fid.load_statistics(tmp_path / "stats")[0].shape == (12,) and not (tmp_path / "stats.npz").exists()
+    (tmp_path / "a" / "zz.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/a/zz.jpg: cannot read it as an image \(.*\); remove it or "
+                                         r"replace it$"):
+        run(tmp_path / "a", tmp_path / "a")  # was PIL's UnidentifiedImageError and a stack trace
+    np.savez(tmp_path / "nan.npz", mu=np.zeros(3), sigma=np.full((3, 3), np.nan))
+    with pytest.raises(ValueError, match=r"nan.npz: expected finite statistics, mu \(d,\) and sigma \(d, d\); found "
+                                         r"mu \(3,\) and sigma \(3, 3\) holding NaN or inf$"):
+        fid.load_statistics(tmp_path / "nan.npz")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["a", "a", "--ckpt", "x.pt"], "give one checkpoint, or image folders and .npz files, not both"),
+    (["a", "a", "--real", "a"], "argument --real: scores a checkpoint's samples; two folders or .npz files are "
+                                "compared as they are"),
+    (["a", "a", "--guidance", "5"], "argument --guidance: scores a checkpoint's samples;"),
+    (["a", "--save-stats", "a"], "argument --save-stats: a is a folder; give a file name, e.g. real.npz"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "x.pt").touch()
+    with pytest.raises(SystemExit):
+        fid.parse_args(argv)
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_real_statistics_of_another_dimension_are_refused_before_sampling(tmp_path, monkeypatch):
+    _, lineages = toy_dataset(1, 16, 0)
+    taxonomy = Taxonomy(lineages)
+    vocab_sizes = [len(v) for v in taxonomy.vocab]
+    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
+    state = TaxaDiffusion(ucfg, vocab_sizes).state_dict()
+    torch.save({"ema": state, "unet_config": asdict(ucfg), "diffusion_config": asdict(DiffusionConfig()),
+                "vocab_sizes": vocab_sizes, "lineages": taxonomy.lineages(), "level": "order",
+                "stages": ["class", "order"], "train_config": {"data": "birds.csv"}}, tmp_path / "order.pt")
+    np.savez(tmp_path / "real768.npz", mu=np.zeros(768), sigma=np.eye(768))  # pytorch-fid --dims 768
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: None)
+    monkeypatch.setattr(fid, "generate", lambda *a, **k: pytest.fail("sampled before the statistics were checked"))
+    with pytest.raises(ValueError, match=r"real768.npz: statistics of 768-d features; FID here uses Inception's "
+                                         r"2048-d pool3"):
+        fid.main(fid.parse_args([str(tmp_path / "order.pt"), "--real", str(tmp_path / "real768.npz"),
+                                 "--device", "cpu"]))
+
+
 @needs_weights
 def test_cli_two_folders_and_saved_statistics(tmp_path):
     for name, value in [("a", 40), ("b", 200)]:

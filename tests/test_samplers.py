@@ -61,9 +61,12 @@ def test_steps_is_the_number_of_network_calls(sampler):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_logsnr_timesteps_are_distinct_and_even_in_lambda(schedule):
     d = Diffusion(DiffusionConfig(schedule=schedule))
-    for steps in [2, 10, 50, 200]:
+    for steps in [2, 10, 50, 200, 1000]:
         ts = d.timesteps(steps, "logsnr")
         assert len(ts) == steps and ts[0] == d.T - 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
+    for steps in [0, 1001]:  # 1001 distinct timesteps would reach t = -1, which indexes alpha_bar from its end
+        with pytest.raises(ValueError, match=rf"^steps must be 1 to T = 1000 \(got {steps}\)$"):
+            d.timesteps(steps, "logsnr")
     if schedule == "linear":  # (the cosine schedule's clipped last beta makes lambda fall off a cliff at t = T - 1)
         ts = d.timesteps(10, "logsnr")
         h = torch.log(d.alpha_bar[ts] / (1 - d.alpha_bar[ts])).diff() / 2  # (9,) steps in lambda

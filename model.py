@@ -319,7 +319,8 @@ def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_level=2)
     both = torch.cat([ids, negative_lineage(ids, guide_from, root_level)])  # (2B, R)
 
     def eps_fn(x, t):
-        eps_c, eps_neg = diffusion.eps(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (2B, C, H, W) -> 2 x (B, C, H, W)
+        # one batch of both branches, (2B, C, H, W), split back into two (B, C, H, W)
+        eps_c, eps_neg = diffusion.eps(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return eps_neg + scale * (eps_c - eps_neg)
     return eps_fn
 

@@ -165,7 +165,7 @@ def train_stage(cfg, stage, plan, dataset, taxonomy, log, rank=0, world=1, stop=
             ids = cut_lineage(ids, plan[0] + (depth * (level - plan[0] + 1)).long())
         ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)
         with amp:
-            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)  # Algorithm 1, v-weighted by default
+            loss = diffusion.loss(net, x0, ids, t=t, eps=eps, weight=cfg.loss_weight)  # Algorithm 1 (v-weighted)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from model import (CheckpointError, Diffusion, DiffusionConfig, autoencoder_of, cut_lineage, deepest_rank,
-                   finest_checkpoint, load_checkpoint, sample_rows, save_grid)
+                   finest_checkpoint, load_checkpoint, negative_lineage, sample_rows, save_grid)
 from model import (device_name, finite_float, image_path, input_path, nonneg_int, positive_int, sampling_steps,
                    script_parser)
 from taxonomy import RANKS, LineageError, Taxonomy
@@ -41,6 +41,9 @@ def main(args):
         print(f"note: this checkpoint was trained down to {ckpt['level']}; finer ranks of the lineage are ignored")
         ids = cut_lineage(ids[None], level)[0]  # (1, R) -> (R,)
     name = taxonomy.lineage_str(ids.tolist())
+    if args.guidance != 1 and torch.equal(negative_lineage(ids[None], args.guide_from, root_level), ids[None]):
+        print(f"note: the {args.guide_from} negative of '{name}' is the lineage itself (the first stage is "
+              f"{RANKS[root_level]}), so guidance changes nothing; use --guide-from null or parent")
     size = model.unet.cfg.image_size
     x_T = torch.randn((args.n, model.unet.cfg.in_channels, size, size), device=args.device,
                       generator=torch.Generator(args.device).manual_seed(args.seed))  # a seed gives the same pictures

@@ -146,6 +146,17 @@ def test_the_root_negative_is_the_checkpoints_first_stage(tmp_path, monkeypatch)
     assert all(torch.equal(ids, torch.stack([raven, raven, root, root])) for ids in seen)
 
 
+def test_a_root_negative_that_is_the_lineage_itself_is_noted(species_checkpoint, tmp_path, monkeypatch, capsys):
+    path, _ = species_checkpoint  # first stage: class
+    conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Aves", "--guide-from", "root",
+                    "--out", str(tmp_path / "s.png"))
+    assert ("note: the root negative of 'Animalia/Chordata/Aves' is the lineage itself (the first stage is class), "
+            "so guidance changes nothing; use --guide-from null or parent") in capsys.readouterr().out
+    conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus", "--guide-from", "root",
+                    "--out", str(tmp_path / "s.png"))
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_refine_rows_walk_down_the_lineage(species_checkpoint, tmp_path, monkeypatch):
     path, taxonomy = species_checkpoint
     seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus corax", "--refine",

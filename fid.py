@@ -63,7 +63,7 @@ from model import (Diffusion, DiffusionConfig, autoencoder_of, finest_checkpoint
                    to_pixels)
 from model import (device_name, finite_float, input_path, nonneg_int, output_path, positive_int, sampling_steps,
                    script_parser)
-from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, species_counts, toy_dataset, toy_species
+from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, load_image, species_counts, toy_dataset, toy_species
 
 # -----------------------------------------------------------------------------
 # Statistics and the two distances (the Inception features they take: see the appendix)
@@ -415,7 +415,8 @@ def evaluate_checkpoint(args):
                 raise ValueError(f"{args.real}: statistics of {len(real_mu)}-d features; FID here uses Inception's "
                                  "2048-d pool3 (pytorch-fid's default --dims 2048)")
         else:
-            real_f = inception_features(net, load_folder(args.real), args.mode, args.batch_size, args.device)
+            real = load_folder(args.real, size)  # at the generated images' resolution, not the folder's own
+            real_f = inception_features(net, real, args.mode, args.batch_size, args.device)
 
     for scale in args.guidance:
         images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
@@ -535,7 +536,8 @@ def build_parser():
                    help="negative branch of guidance: null = vanilla CFG, parent = one rank up, root = TaxaGuide")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling noise")
     p.add_argument("--real", type=input_path, default=None,
-                   help="real images (folder or .npz) for a checkpoint not trained on the toy tree")
+                   help="real images for a checkpoint not trained on the toy tree: a folder (centre-cropped and "
+                        "resized to the model's image size, as train.py reads them) or an .npz of statistics")
     p.add_argument("--mode", choices=MODES, default="torchmetrics", help="how images are resized to 299 (see preprocess)")
     p.add_argument("--inception", type=input_path, default=None,
                    help="path to pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
@@ -969,14 +971,19 @@ def cached_features(net, images, mode, batch_size, device, desc, cache_dir):
     return feats
 
 
-def load_folder(folder):
-    """Every image under a folder as uint8 (N, 3, H, W); all must have one size (FID compares like with like)."""
+def load_folder(folder, size=None):
+    """Every image under a folder as uint8 (N, 3, H, W). As they are (all must have one size: FID compares like
+    with like), or with `size` squared and resized as train.py reads images (centre crop): the real images a
+    checkpoint's samples are compared with, at the resolution the model draws."""
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
     if not files:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) found")
     images = []
     for p in tqdm(files, desc=f"reading {folder}", leave=False):
         try:
+            if size:
+                images.append(load_image(p, size))  # (3, size, size)
+                continue
             with Image.open(p) as im:
                 images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))  # (3, H, W)
         except OSError as e:  # not an image, or a truncated one: FID of a set with a hole would mislead

@@ -381,6 +381,16 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, 
     assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_a_real_folder_for_a_checkpoint_is_read_at_the_models_resolution(tmp_path):
+    (tmp_path / "real").mkdir()
+    for i, (w, h) in enumerate([(40, 24), (32, 32)]):  # two sizes: refused as they are, squared and resized here
+        Image.fromarray(np.full((h, w, 3), 50 * i, np.uint8)).save(tmp_path / "real" / f"{i}.png")
+    images = fid.load_folder(tmp_path / "real", 16)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8 and images[1].max() == 50
+    with pytest.raises(ValueError, match="images of several sizes"):
+        fid.load_folder(tmp_path / "real")  # two folders compared as they are (pytorch-fid's way)
+
+
 def test_real_statistics_of_another_dimension_are_refused_before_sampling(tmp_path, monkeypatch):
     _, lineages = toy_dataset(1, 16, 0)
     taxonomy = Taxonomy(lineages)

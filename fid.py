@@ -382,6 +382,9 @@ def evaluate_checkpoint(args):
     n = len(ids)
     print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
           f"{args.steps} {args.sampler} steps, --mode {args.mode}")
+    if args.guide_from == "root" and level <= root_level:  # e.g. class.pt: its lineages are their own root
+        print(f"note: {args.ckpt} ends at its first stage ({RANKS[root_level]}), so the root negative is each lineage "
+              "itself and its guided rows are unguided; use --guide-from null or parent")
 
     net = load_inception(args.inception, args.device)
     rows, tail = [], []  # (name, n, FID, KID, accuracies, classifier FD); (name, species right per image)

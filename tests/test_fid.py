@@ -520,6 +520,12 @@ def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
     assert rows[2].split(" | ")[1] == "12"  # 6 orders x 2
     assert rows[2].split(" | ")[6:9] == ["-", "-", "-"]  # family, genus, species: finer than the checkpoint
     assert "note: 12 images per row against 96 real ones;" in out  # an order checkpoint, 2 real per species
+    assert "root negative" not in out
+    torch.save({**torch.load(tmp_path / "order.pt", weights_only=True), "stages": ["order"]}, tmp_path / "first.pt")
+    fid.main(fid.parse_args([str(tmp_path / "first.pt"), "--n-per-taxon", "1", "--steps", "1", "--guidance", "3",
+                             "--guide-from", "root", "--device", "cpu"]))
+    assert ("ends at its first stage (order), so the root negative is each lineage itself and its guided rows are "
+            "unguided; use --guide-from null or parent") in capsys.readouterr().out
     with pytest.raises(ValueError, match="order.pt was trained on the toy tree, which draws its own real images: "
                                          "drop --real$"):
         fid.main(fid.parse_args([str(tmp_path / "order.pt"), "--real", str(tmp_path), "--device", "cpu"]))

@@ -98,3 +98,16 @@ def test_rare_and_common_species_of_a_long_tail(tmp_path):
     assert "| progressive | pairs:64/4 | null | 1 | 87.5 ± 0.0 | 75.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 " \
            "| - | - | - |" in lines
     assert "| pairs:64/4 | - | - | +25.0 ± 0.0 (1) | +50.0 ± 0.0 (1) | - | - |" in lines
+
+
+def test_a_grid_resumed_in_a_fresh_out_skips_the_kept_cells(tmp_path):
+    """A new session has none of the old --out: the scores committed under --results are the record."""
+    args = SimpleNamespace(schedules=["progressive", "flat"], freeze=["none"], new_rank_init=["zero"], k=["4"],
+                           seeds=[0], p_uncond=[0.1], p_cut=[0.2], stage_steps=[paper_claims.STAGE_STEPS],
+                           out=str(tmp_path / "out"), results=str(tmp_path / "kept"))
+    kept, fresh = paper_claims.grid_cells(args)
+    (tmp_path / "kept" / paper_claims.cell_name(kept)).mkdir(parents=True)
+    (tmp_path / "kept" / paper_claims.cell_name(kept) / "result.json").write_text('{"seed": 0}')
+    paper_claims.restore_results(args, [kept, fresh])
+    assert (tmp_path / "out" / paper_claims.cell_name(kept) / "result.json").read_text() == '{"seed": 0}'
+    assert not (tmp_path / "out" / paper_claims.cell_name(fresh)).exists()

@@ -373,6 +373,16 @@ def run_cells(args, cells, real, net, clf, clf_tax):
             shutil.copy(result, os.path.join(args.results, name, "result.json"))
 
 
+def restore_results(args, cells):
+    """A grid resumed in a fresh --out (a new machine, a new session) starts from the scores kept under
+    --results: each finished cell's result.json is copied back, so it is skipped, not trained again."""
+    for cell in cells if args.results else []:
+        kept, result = (os.path.join(d, cell_name(cell), "result.json") for d in (args.results, args.out))
+        if os.path.exists(kept) and not os.path.exists(result):
+            os.makedirs(os.path.dirname(result), exist_ok=True)
+            shutil.copy(kept, result)
+
+
 def build_parser():
     p = script_parser(__doc__)
     p.add_argument("--schedules", nargs="+", default=["progressive", "flat"], choices=SCHEDULES,
@@ -432,6 +442,7 @@ def main():
     net = None if args.no_fid else fid.load_inception(device=args.device)
     t_grid = time.time()
     if not args.worker:
+        restore_results(args, cells)
         for cell in cells:  # claims left by a run that was killed
             claim = os.path.join(args.out, cell_name(cell), "claimed")
             if os.path.exists(claim) and not os.path.exists(os.path.join(os.path.dirname(claim), "result.json")):

@@ -22,7 +22,8 @@ the reference implementations exactly:
   torchvision's ImageNet Inception: BatchNorm eps 1e-3, average pools that
   do not count the padding, and a max pool in the last block (Mixed_7c);
 - the images are resized to 299 x 299 as the reference you compare against
-  does (--mode, see `preprocess`);
+  does (--mode, see `preprocess`; a saved .npz records it, and a run with
+  another --mode refuses it);
 - statistics are computed in float64 with the unbiased covariance (n - 1);
 - the trace of (Sigma_1 Sigma_2)^(1/2) comes from eigenvalues, as in
   torchmetrics, with pytorch-fid's scipy sqrtm beside it as the reference.
@@ -184,19 +185,23 @@ def kernel_inception_distance(f1, f2, subsets=100, subset_size=None, seed=0):
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def save_statistics(path, mu, sigma):
+def save_statistics(path, mu, sigma, mode):
     """An .npz with mu and sigma, the layout pytorch-fid reads and writes, at exactly `path` (np.savez given a
-    name would add .npz to it)."""
+    name would add .npz to it), and the --mode the images were resized with (pytorch-fid ignores the key)."""
     with open(path, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, mode=np.array(mode))
 
 
-def load_statistics(path):
-    """mu and sigma from an .npz, checked as soon as it is read (before any sampling): finite, of one dimension."""
+def load_statistics(path, mode=None):
+    """mu and sigma from an .npz, checked as soon as it is read (before any sampling): finite, of one dimension,
+    and made with this run's --mode when the file says (a resize changes FID by more than models differ)."""
     with np.load(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path}: an .npz of FID statistics needs arrays 'mu' and 'sigma', found {list(f)}")
-        mu, sigma = f["mu"], f["sigma"]
+        mu, sigma, saved = f["mu"], f["sigma"], str(f["mode"]) if "mode" in f else None
+    if mode and saved and saved != mode:  # an .npz of pytorch-fid's own has no mode: taken as it is
+        raise ValueError(f"{path}: statistics of images resized with --mode {saved}; this run resizes with --mode "
+                         f"{mode}: give --mode {saved}, or make the statistics again")
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: expected finite statistics, mu (d,) and sigma (d, d); found mu {mu.shape} and "
                          f"sigma {sigma.shape}{'' if np.isfinite(sigma).all() else ' holding NaN or inf'}")
@@ -413,7 +418,7 @@ def evaluate_checkpoint(args):
     else:
         real_f, real_cf = None, None
         if str(args.real).endswith(".npz"):
-            real_mu, real_sigma = load_statistics(args.real)
+            real_mu, real_sigma = load_statistics(args.real, args.mode)
             if real_mu.shape != (2048,):  # e.g. pytorch-fid --dims 768: said now, not after the sampling
                 raise ValueError(f"{args.real}: statistics of {len(real_mu)}-d features; FID here uses Inception's "
                                  "2048-d pool3 (pytorch-fid's default --dims 2048)")
@@ -500,7 +505,7 @@ def compare_sets(args):
     stats, feats = [], []
     for path in args.inputs:
         if str(path).endswith(".npz"):
-            stats.append(load_statistics(path))
+            stats.append(load_statistics(path, args.mode))
             feats.append(None)
             continue
         if net is None:  # loaded only when there are images to look at
@@ -512,7 +517,7 @@ def compare_sets(args):
             raise ValueError(f"{path}: {e}") from None
         feats.append(f)
     if args.save_stats:
-        save_statistics(args.save_stats, *stats[0])
+        save_statistics(args.save_stats, *stats[0], args.mode)
         print(f"mu, sigma of {args.inputs[0]} ({args.mode} mode) -> {args.save_stats}")
     if len(args.inputs) == 2:
         print(f"FID: {frechet_distance(*stats[0], *stats[1]):.4f}")

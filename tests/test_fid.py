@@ -154,11 +154,16 @@ def test_kid_near_zero_for_one_distribution():
 
 def test_statistics_npz_round_trip(tmp_path):
     mu, sigma = np.arange(3.0), np.eye(3)
-    fid.save_statistics(tmp_path / "s.npz", mu, sigma)
-    with np.load(tmp_path / "s.npz") as f:  # the keys pytorch-fid reads
-        assert set(f) == {"mu", "sigma"}
-    m2, s2 = fid.load_statistics(tmp_path / "s.npz")
+    fid.save_statistics(tmp_path / "s.npz", mu, sigma, "clean")
+    with np.load(tmp_path / "s.npz") as f:  # the keys pytorch-fid reads, and the resize they were made with
+        assert set(f) == {"mu", "sigma", "mode"}
+    m2, s2 = fid.load_statistics(tmp_path / "s.npz", "clean")
     assert np.array_equal(m2, mu) and np.array_equal(s2, sigma)
+    with pytest.raises(ValueError, match=r"s.npz: statistics of images resized with --mode clean; this run resizes "
+                                         r"with --mode torchmetrics: give --mode clean, or make the statistics again$"):
+        fid.load_statistics(tmp_path / "s.npz", "torchmetrics")
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)  # pytorch-fid's own: no mode, taken as it is
+    assert np.array_equal(fid.load_statistics(tmp_path / "pytorch_fid.npz", "torchmetrics")[0], mu)
     np.savez(tmp_path / "bad.npz", mean=mu)
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
         fid.load_statistics(tmp_path / "bad.npz")

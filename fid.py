@@ -194,7 +194,7 @@ def save_statistics(path, mu, sigma, mode):
 
 def load_statistics(path, mode=None):
     """mu and sigma from an .npz, checked as soon as it is read (before any sampling): finite, of one dimension,
-    and made with this run's --mode when the file says (a resize changes FID by more than models differ)."""
+    and made with this run's --mode when the file says (the resize alone moves FID, docs/results.md)."""
     with np.load(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path}: an .npz of FID statistics needs arrays 'mu' and 'sigma', found {list(f)}")

@@ -1,7 +1,7 @@
 """
 Does progressive training help? The paper's three claims, tested on the toy tree.
 
-    python tests/benchmarks/paper_claims.py --parallel 2 --no-fid   # the grid: ~30 min a cell on 2 CPU cores; resumes
+    python tests/benchmarks/paper_claims.py --parallel 2 --no-fid   # the grid: ~2 h a pair of cells on 2 CPU cores; resumes
     python tests/benchmarks/paper_claims.py --schedules progressive --freeze unet new-rank --k 4   # freezing policies
     python tests/benchmarks/paper_claims.py --quick     # one seed, k = 4, short runs: checks the pipeline
     python tests/benchmarks/paper_claims.py --report    # only the table and figure of the cells done so far

@@ -44,6 +44,7 @@ decoded (with its PSNR), the best that model could draw.
 
 Read next: tests/ (docs/testing.md says what each file checks), or docs/ for the measured record.
 """
+import argparse
 import hashlib
 import importlib.metadata
 import math
@@ -213,7 +214,7 @@ def load_statistics(path, mode=None):
 # and species of a toy tree image. Trained once on real toy images (a seed
 # the diffusion model never saw) and cached in out/.
 
-EVAL_RANKS = RANKS[2:]  # class .. species: kingdom and phylum are the same for every toy species
+EVAL_RANKS = RANKS[2:]  # class .. species: kingdom is one for every toy species, and phylum follows from class
 CLASSIFIER_SEED = 1000  # toy images the classifier learns from
 REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
 
@@ -558,6 +559,18 @@ def build_parser():
     return p
 
 
+# flags that only mean something for a checkpoint's samples; with two folders they would be silently ignored
+SAMPLING_FLAGS = ("real", "guidance", "n_per_taxon", "steps", "sampler", "guide_from", "seed", "sample_batch_size")
+
+
+def given_flags(argv):
+    """The options written on the command line, whatever their value (a default repeated by hand counts too)."""
+    q = build_parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS  # so only what was given lands in the namespace
+    return set(vars(q.parse_args(argv)))
+
+
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
@@ -569,8 +582,8 @@ def parse_args(argv=None):
         p.error("argument --save-stats: saves the statistics of an image folder, not of a checkpoint's samples")
     if args.ckpt and args.inputs:
         p.error("give one checkpoint, or image folders and .npz files, not both")
-    if args.inputs and (args.real is not None or args.guidance != p.get_default("guidance")):
-        p.error(f"argument {'--real' if args.real is not None else '--guidance'}: scores a checkpoint's samples; "
+    if args.inputs and (sampling := [f for f in SAMPLING_FLAGS if f in given_flags(argv)]):
+        p.error(f"argument --{sampling[0].replace('_', '-')}: scores a checkpoint's samples; "
                 "two folders or .npz files are compared as they are")
     if args.save_stats and os.path.isdir(args.save_stats):
         p.error(f"argument --save-stats: {args.save_stats} is a folder; give a file name, e.g. real.npz")

@@ -1,11 +1,16 @@
 """
 The diffusion side of TaxaDiffusion: the rank-token conditioner, the DDPM
-process (schedule, loss, samplers) and guidance; then, in an appendix, what the
+process (schedule, loss, samplers) and guidance. The idea: a lineage becomes
+one token per rank, each the sum of the embeddings from kingdom down to that
+rank, and the UNet cross-attends to them. Ranks finer than the current stage
+are id 0 and add nothing; when their stage comes, their table starts at zero
+(train.py), so every new taxon starts exactly as its parent. Condition dropout drops the whole lineage at random (the unconditional
+model that classifier-free guidance needs) or cuts it at a coarser rank (the
+partial lineages TaxaGuide guides from). Then, in an appendix, what the
 scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (reading
 the data, the randomness a resumed run draws again, torchrun, Ctrl-C, a stage's
-grid), latent space (the
-autoencoder stage of train.py --latent, the latent cache, decoding), the
-one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
+grid), latent space (the autoencoder stage of train.py --latent, the latent
+cache, decoding), the one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,
@@ -54,10 +59,11 @@ from unet import SIZES, Autoencoder, AutoencoderConfig, UNet, UNetConfig, autoen
 class RankConditioner(nn.Module):
     """Lineage ids (B, R) -> context tokens (B, R + 1, D).
 
-    Token r is the sum of the lineage's embeddings at ranks 0..r plus a learned
-    rank vector, so two species of one genus share every token but the last
-    and start out close together. An id of 0 (unknown, or beyond the current
-    stage) adds nothing. The extra null token is always there, so a fully
+    Output token 0 is a learned null token; output token r + 1 is the sum of the
+    lineage's embeddings at ranks 0..r plus a learned rank vector (README's
+    table numbers them so), so two species of one genus share every token but
+    the last and start out close together. An id of 0 (unknown, or beyond the
+    current stage) adds nothing. The null token is always there, so a fully
     unknown lineage still gives attention something to look at.
     """
 

@@ -71,7 +71,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate after warm-up (a small UNet trained from scratch takes a large one)
     embed_lr_mult: float = 30.0  # the rank tables' learning rate = lr * this (a new table has one stage to move)
     warmup: int = 100  # steps of linear learning-rate warm-up at the start of each stage
-    cooldown: float = 0.3  # the command's last stage decays the rate to 0 over this fraction of its steps
+    cooldown: float = 0.3  # the last stage decays the rate to 0 over this fraction of the plan's last stage (every schedule)
     grad_clip: float = 1.0  # max gradient norm, as in the paper
     ema_decay: float = 0.995  # EMA of the weights, used for every picture
     size: str = "small"  # named UNet size, see unet.SIZES
@@ -221,8 +221,9 @@ def build_stage(cfg, level, steps, cool, plan, taxonomy, prev_path, rank=0, worl
     header = run_header(cfg, taxonomy, plan, autoencoder)
     torch.manual_seed(cfg.seed + level)  # the same initial weights in every process
     model = to_device(TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]), cfg.device)
-    # The first stage's ranks start random; every finer rank's table starts at zero, and stays so (it is
-    # never looked up) until its stage begins: a new taxon starts exactly as its parent, and learns what differs.
+    # The first stage's ranks start random; every finer rank's table starts at zero, and stays so until its
+    # stage begins (its ids are 0 until then, so RankConditioner's mask zeroes its output and its gradient):
+    # a new taxon starts exactly as its parent, and learns what differs.
     for r in range(level + 1, len(RANKS)):
         torch.nn.init.zeros_(model.conditioner.embed[r].weight)
     ema = copy.deepcopy(model).requires_grad_(False)

@@ -375,6 +375,9 @@ def test_image_sets_that_cannot_give_a_fid_are_one_line(tmp_path, monkeypatch):
     (["a", "a", "--real", "a"], "argument --real: scores a checkpoint's samples; two folders or .npz files are "
                                 "compared as they are"),
     (["a", "a", "--guidance", "5"], "argument --guidance: scores a checkpoint's samples;"),
+    (["a", "a", "--guidance", "1", "3"], "argument --guidance: scores a checkpoint's samples;"),  # the default, by hand
+    (["a", "a", "--steps", "50"], "argument --steps: scores a checkpoint's samples;"),
+    (["a", "a", "--sample-batch", "8"], "argument --sample-batch-size: scores a checkpoint's samples;"),  # abbreviated
     (["a", "--save-stats", "a"], "argument --save-stats: a is a folder; give a file name, e.g. real.npz"),
 ])
 def test_flags_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, argv, message):

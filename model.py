@@ -4,13 +4,15 @@ process (schedule, loss, samplers) and guidance. The idea: a lineage becomes
 one token per rank, each the sum of the embeddings from kingdom down to that
 rank, and the UNet cross-attends to them. Ranks finer than the current stage
 are id 0 and add nothing; when their stage comes, their table starts at zero
-(train.py), so every new taxon starts exactly as its parent. Condition dropout drops the whole lineage at random (the unconditional
-model that classifier-free guidance needs) or cuts it at a coarser rank (the
-partial lineages TaxaGuide guides from). Then, in an appendix, what the
+(train.py), so every new taxon starts exactly as its parent. Condition
+dropout drops the whole lineage at random (the unconditional model that
+classifier-free guidance needs) or cuts it at a coarser rank (the partial
+lineages TaxaGuide guides from). Then, in an appendix, what the
 scripts share: EMA, checkpoints, the picture grid, train.py's plumbing (reading
 the data, the randomness a resumed run draws again, torchrun, Ctrl-C, a stage's
 grid), latent space (the autoencoder stage of train.py --latent, the latent
-cache, decoding), the one-line errors of a bad checkpoint or a full disk, and the checks of every flag.
+cache, decoding), the one-line errors of a bad checkpoint or a full disk, and
+the checks of every flag.
 
 The diffusion process knows nothing about the network's insides: it calls
 model(x_t, t, ids) and reads the output as v (by default) or as the noise eps,

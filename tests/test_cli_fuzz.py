@@ -19,8 +19,7 @@ import fid
 import model
 import sample
 import train
-from model import (device_name, downsampling_factor, finite_float, fraction, image_path, input_path, nonneg_int,
-                   output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps)
+from plumbing.cli import device_name, downsampling_factor, finite_float, fraction, image_path, input_path, nonneg_int, output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,8 +14,9 @@ import taxonomy
 import train
 from fixtures import (add_broken, make_bioscan, make_fishnet, make_folder_tree, make_inat_json, inat_folder_name,
                       save, species, toy_image)
-from model import check_run
-from taxonomy import RANKS, DataError, TaxonDataset, build_taxonomy, load_data, read_items
+from plumbing.cli import check_run
+from plumbing.readers import DataError, build_taxonomy, load_data, read_items
+from taxonomy import RANKS, TaxonDataset
 
 CORAX = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import model
-from model import CheckpointError, DiffusionConfig, read_checkpoint, save_checkpoint
+from model import DiffusionConfig
+from plumbing.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from unet import SIZES, UNetConfig
 
 TINY = asdict(UNetConfig(**SIZES["tiny"]))

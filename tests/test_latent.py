@@ -19,7 +19,8 @@ import model
 import sample
 import train
 from fixtures import make_folder_tree
-from model import CheckpointError, encode_dataset, load_autoencoder, save_checkpoint, weights_hash
+from plumbing.checkpoints import CheckpointError, save_checkpoint, weights_hash
+from plumbing.latent import encode_dataset, load_autoencoder
 from taxonomy import toy_dataset
 from train import TrainConfig
 from unet import Autoencoder, AutoencoderConfig, autoencoder_loss, ssim

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from model import (Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, build_model, condition_dropout,
-                   cut_lineage, deepest_rank, guided_eps_fn, load_checkpoint, negative_lineage, save_checkpoint,
-                   save_grid, update_ema)
+from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, condition_dropout, cut_lineage, deepest_rank, guided_eps_fn, negative_lineage, update_ema
+from plumbing.checkpoints import build_model, load_checkpoint, save_checkpoint
+from plumbing.images import save_grid
 from unet import SIZES, UNet, UNetConfig, attention, attention_reference
 
 TINY = UNetConfig(**SIZES["tiny"])

@@ -18,7 +18,7 @@ from PIL import Image
 
 import model
 import train
-from model import build_model, by_name, load_checkpoint
+from plumbing.checkpoints import build_model, by_name, load_checkpoint
 from taxonomy import Taxonomy
 from train import TrainConfig
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import unet  # noqa: E402
-from model import script_parser  # noqa: E402
+from plumbing.cli import script_parser  # noqa: E402
 from unet import UNet, UNetConfig, attention_reference, flash_attention  # noqa: E402
 
 # (name, B, H, N, M, d, dtype): the default UNet's attention at batch 64 on 32x32 and on 64x64 inputs,

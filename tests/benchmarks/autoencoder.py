@@ -26,9 +26,9 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 import train  # noqa: E402
-from model import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, catch_stop_signals, load_autoencoder  # noqa: E402
-from model import (device_name, downsampling_factor, nonneg_int, output_path, positive_float, positive_int,  # noqa: E402
-                   script_parser)
+from plumbing.latent import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, load_autoencoder  # noqa: E402
+from plumbing.signals import catch_stop_signals  # noqa: E402
+from plumbing.cli import device_name, downsampling_factor, nonneg_int, output_path, positive_float, positive_int, script_parser  # noqa: E402
 from taxonomy import toy_dataset  # noqa: E402
 
 LOSSES = ("gradient", "ssim", "fft", "none")

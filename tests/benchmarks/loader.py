@@ -22,8 +22,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]  # the repository root, tests/
 from fixtures import make_jpeg_tree  # noqa: E402
 from model import Diffusion, DiffusionConfig, TaxaDiffusion  # noqa: E402
-from model import device_name, nonneg_int, output_path, positive_int, script_parser, size_multiple  # noqa: E402
-from taxonomy import TaxonDataset, build_taxonomy, load_data  # noqa: E402
+from plumbing.cli import device_name, nonneg_int, output_path, positive_int, script_parser, size_multiple  # noqa: E402
+from plumbing.readers import build_taxonomy, load_data  # noqa: E402
+from taxonomy import TaxonDataset  # noqa: E402
 from unet import SIZES, UNetConfig  # noqa: E402
 
 

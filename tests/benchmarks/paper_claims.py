@@ -47,9 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
-from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
-from model import (device_name, finite_float, fraction, nonneg_int, output_path, per_species,  # noqa: E402
-                   positive_int, positive_int_list, script_parser)
+from model import Diffusion, DiffusionConfig  # noqa: E402
+from plumbing.checkpoints import load_checkpoint  # noqa: E402
+from plumbing.cli import device_name, finite_float, fraction, nonneg_int, output_path, per_species, positive_int, positive_int_list, script_parser  # noqa: E402
 from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset  # noqa: E402
 from unet import SIZES  # noqa: E402
 

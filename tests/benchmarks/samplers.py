@@ -26,9 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
-from model import Diffusion, DiffusionConfig, load_checkpoint  # noqa: E402
-from model import (device_name, finite_float, input_path, nonneg_int, output_path, positive_int,  # noqa: E402
-                   script_parser)
+from model import Diffusion, DiffusionConfig  # noqa: E402
+from plumbing.checkpoints import load_checkpoint  # noqa: E402
+from plumbing.cli import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser  # noqa: E402
 from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 
 

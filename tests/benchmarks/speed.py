@@ -62,8 +62,9 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn, to_device  # noqa: E402
-from model import device_name, positive_int, script_parser  # noqa: E402
+from model import Diffusion, DiffusionConfig, RankConditioner, TaxaDiffusion, guided_eps_fn  # noqa: E402
+from plumbing.checkpoints import to_device  # noqa: E402
+from plumbing.cli import device_name, positive_int, script_parser  # noqa: E402
 from taxonomy import Taxonomy, toy_species  # noqa: E402
 from unet import UNetConfig  # noqa: E402
 

@@ -47,9 +47,9 @@ from tqdm import tqdm
 from model import Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, cut_lineage, update_ema
 from plumbing.checkpoints import (CheckpointError, by_name, check_checkpoint, read_checkpoint, run_header,
                                   stage_flags, to_device)
-from plumbing.cli import (check_flag_pairs, check_run, config_parser, device_name, downsampling_factor, finite_float,
-                          flag, fraction, input_path, nonneg_int, output_path, per_species, positive_float,
-                          positive_int, positive_int_list, sampling_steps)
+from plumbing.cli import (GUIDE_FROM, SAMPLERS, check_flag_pairs, check_run, config_parser, device_name,
+                          downsampling_factor, finite_float, flag, fraction, input_path, nonneg_int, output_path,
+                          per_species, positive_float, positive_int, positive_int_list, sampling_steps)
 from plumbing.images import draw, save_grid
 from plumbing.latent import autoencoder_stage, encode_dataset, held_out_split
 from plumbing.randomness import stage_batches, step_randomness
@@ -59,7 +59,9 @@ from plumbing.torchrun import barrier, load_resumable, mean_over_processes, save
 from taxonomy import RANKS, TaxonDataset, Taxonomy
 from unet import SIZES, UNetConfig
 
-SCHEDULES = ("progressive", "all", "random", "flat")
+SCHEDULES, FREEZE = ("progressive", "all", "random", "flat"), ("none", "unet", "new-rank")
+BETAS, ATTENTION = ("auto", "linear", "cosine", "scaled-linear"), ("auto", "triton", "sdpa", "torch")
+EDGE_LOSSES = ("fft", "gradient", "ssim", "none")
 
 
 @dataclass
@@ -67,79 +69,58 @@ class TrainConfig:
     """Every field is a flag (--batch-size for batch_size): flag(default, help, the values it takes)."""
     # the method
     level: str = flag("order", "train every stage down to this rank", RANKS)
-    first_level: str = flag("class", "the first stage; coarser ranks (kingdom, phylum) are folded into it", RANKS)
-    schedule: str = flag("progressive", "progressive (stage by stage), or one stage of as many steps: all, random, "
-                         "flat", SCHEDULES)
+    first_level: str = flag("class", "the first stage; coarser ranks are folded into it", RANKS)
+    schedule: str = flag("progressive", "stage by stage, or one stage of as many steps: all, random, flat", SCHEDULES)
     p_uncond: float = flag(0.1, "probability of dropping the whole lineage (for guidance)", fraction)
     p_cut: float = flag(0.2, "probability of cutting the lineage at a random coarser rank", fraction)
-    freeze: str = flag("none", "what a later progressive stage trains: none = all, unet = the lineage readers, "
-                       "new-rank", ("none", "unet", "new-rank"))
-    new_rank_init: str = flag("zero", "a new rank's table starts at zero (each taxon as its parent) or random "
-                              "(ablation)", ("zero", "random"))
-    loss_weight: str = flag("v", "v: the v-error, eps-error / alpha_bar_t (Diffusion.loss); eps: Algorithm 1's",
-                            ("eps", "v"))
-    noise_schedule: str = flag("auto", "betas: linear (Ho's), cosine, scaled-linear (LDM's); auto = LDM's on "
-                               "latents, else Ho's", ("auto", "linear", "cosine", "scaled-linear"))
+    freeze: str = flag("none", "what a later stage trains: none = all, unet = the lineage readers, new-rank", FREEZE)
+    new_rank_init: str = flag("zero", "a new rank's table starts at zero (as its parent) or random", ("zero", "random"))
+    loss_weight: str = flag("v", "v: the v-error, eps-error / alpha_bar_t; eps: Algorithm 1's", ("eps", "v"))
+    noise_schedule: str = flag("auto", "betas; auto = scaled-linear (LDM's) on latents, else linear (Ho's)", BETAS)
     # the steps
-    stage_steps: str = flag("200,200,600,800,1800", "steps of the 1st, 2nd, ... stage; the last number repeats",
-                            positive_int_list)
-    steps: int = flag(0, "if not 0, every stage trains this many optimizer steps (overrides --stage-steps)",
-                      nonneg_int)
+    stage_steps: str = flag("200,200,600,800,1800", "steps of each stage; the last number repeats", positive_int_list)
+    steps: int = flag(0, "if not 0, every stage trains this many steps (overrides --stage-steps)", nonneg_int)
     batch_size: int = flag(32, "images per step, over all processes (torchrun)", positive_int)
-    lr: float = flag(1e-3, "AdamW learning rate after warm-up (a small UNet trained from scratch takes a large one)",
-                     positive_float)
-    embed_lr_mult: float = flag(30.0, "the rank tables' learning rate = lr * this (a new table has one stage to "
-                                "move)", positive_float)
+    lr: float = flag(1e-3, "AdamW learning rate after warm-up (large: a small UNet from scratch)", positive_float)
+    embed_lr_mult: float = flag(30.0, "the rank tables' learning rate = lr * this", positive_float)
     warmup: int = flag(100, "steps of linear learning-rate warm-up at the start of each stage", positive_int)
-    cooldown: float = flag(0.3, "the last stage decays the rate to 0 over this fraction of the last stage's steps",
-                           fraction)
+    cooldown: float = flag(0.3, "the last stage decays the rate to 0 over this fraction of its steps", fraction)
     grad_clip: float = flag(1.0, "max gradient norm, as in the paper", positive_float)
     ema_decay: float = flag(0.995, "EMA of the weights, used for every picture", fraction)
     size: str = flag("small", "named UNet size, see unet.SIZES", tuple(SIZES))
     # pixels or latents (README, "Pixel or latent")
     latent: bool = flag(False, "train on the latents of an autoencoder, trained first as a stage of its own")
-    latent_f: int = flag(4, "the autoencoder's downsampling factor, 2, 4 or 8: latents of image_size / f",
-                         downsampling_factor)
+    latent_f: int = flag(4, "the autoencoder's downsampling factor: latents of image_size / f", downsampling_factor)
     latent_channels: int = flag(4, "channels of a latent", positive_int)
     ae_steps: int = flag(1500, "optimizer steps of the autoencoder stage", positive_int)
     ae_batch_size: int = flag(16, "images per autoencoder step, over all processes", positive_int)
-    ae_crop: int = flag(32, "the autoencoder trains on random crops of this side (a multiple of --latent-f; 0: whole "
-                        "images)", nonneg_int)
+    ae_crop: int = flag(32, "the autoencoder trains on random crops of this side (0: whole images)", nonneg_int)
     ae_lr: float = flag(3e-4, "the autoencoder's AdamW learning rate", positive_float)
-    ae_edge_loss: str = flag("fft", "what keeps its edges sharp beside L1 (unet.autoencoder_loss)",
-                             ("fft", "gradient", "ssim", "none"))
+    ae_edge_loss: str = flag("fft", "what keeps its edges sharp beside L1 (unet.autoencoder_loss)", EDGE_LOSSES)
     # the data
     data: str = flag("toy", "'toy', a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)")
     image_size: int = flag(32, "images are resized to image_size x image_size", positive_int)
-    per_species: str = flag("64", "toy images per species (the few-shot knob), or a long tail: pairs:64/4, zipf:64",
-                            per_species)
+    per_species: str = flag("64", "toy images per species, or a long tail: pairs:64/4, zipf:64", per_species)
     format: str = flag("auto", "reader of --data; auto = from what the path is", FORMATS)
-    top_rank: str = flag("auto", "folder trees: rank of the top folders; auto = by family endings, else leaves = "
-                         "species", ("auto",) + RANKS)
+    top_rank: str = flag("auto", "folder trees: the rank of the top folders", ("auto",) + RANKS)
     columns: str = flag("", "tables: our=their column names, e.g. 'image=file,species=scientific_name'")
-    image_root: str = flag("", "tables and iNat JSON: the folder image paths start from (default: the table's "
-                           "folder)", input_path)
-    boxes: str = flag("", "FishNet: bounding-box JSON {file stem: {x, y, w, h}}; each box crops its image",
-                      input_path)
-    conflicts: str = flag("error", "a taxon under two parents: error, or keep-first (warn, follow the first parent)",
-                          ("error", "keep-first"))
+    image_root: str = flag("", "tables and iNat JSON: where image paths start (default: the file's folder)", input_path)
+    boxes: str = flag("", "FishNet: bounding-box JSON {file stem: {x, y, w, h}} to crop each image", input_path)
+    conflicts: str = flag("error", "a taxon under two parents: error, or keep-first", ("error", "keep-first"))
     # the run
     seed: int = flag(0, "seeds the toy data, the weights, the batches and the grids", nonneg_int)
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N", device_name)
     out: str = flag("out", "checkpoints, grids, the image cache and the log go here", output_path)
-    workers: int = flag(min(8, os.cpu_count() or 1), "processes decoding images on the first pass (then cached)",
-                        nonneg_int)
-    save_every: int = flag(200, "rewrite out/<level>.last.pt every this many steps (0: only on Ctrl-C or SIGTERM)",
-                           nonneg_int)
+    workers: int = flag(min(8, os.cpu_count() or 1), "processes decoding images on the first pass", nonneg_int)
+    save_every: int = flag(200, "rewrite out/<level>.last.pt every this many steps (0: only when stopped)", nonneg_int)
     guidance: float = flag(3.0, "guidance scale of the stage grids (1 = none)", finite_float)
-    guide_from: str = flag("null", "negative branch of the grids' guidance (see sample.py)", ("null", "parent", "root"))
+    guide_from: str = flag("null", "negative branch of the grids' guidance (see sample.py)", GUIDE_FROM)
     grid_cols: int = flag(8, "samples per row of the grids", positive_int)
     grid_steps: int = flag(15, "sampling steps of the grids", sampling_steps)
-    grid_sampler: str = flag("dpm++", "sampler of the grids, as sample.py's --sampler", ("dpm++", "ddim", "ddpm"))
+    grid_sampler: str = flag("dpm++", "sampler of the grids, as sample.py's --sampler", SAMPLERS)
     amp: bool = flag(False, "bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)")
-    compile: bool = flag(False, "torch.compile the network (pays off on GPUs; on 2 CPU cores the compile costs more)")
-    attention: str = flag("auto", "auto (PyTorch's SDPA), triton (the kernel in unet.py), sdpa or torch",
-                          ("auto", "triton", "sdpa", "torch"))
+    compile: bool = flag(False, "torch.compile the network (pays off on GPUs, not on 2 CPU cores)")
+    attention: str = flag("auto", "auto (SDPA), triton (unet.py's kernel), sdpa or torch", ATTENTION)
 
     def __post_init__(self):
         self.per_species = str(self.per_species)  # 64 and "64" are one run (checkpoints compare the two)
@@ -179,7 +160,8 @@ def train_stage(cfg, stage, stage_ranks, dataset, taxonomy, log, rank=0, world=1
 
     Returns the number of the signal that stopped it (SIGINT, SIGTERM), or None once out/<level>.pt is written.
     """
-    model, ema, opt, scheduler, finest, steps = stage.model, stage.ema, stage.opt, stage.scheduler, stage.finest, stage.steps
+    model, ema, opt, scheduler, finest, steps = (stage.model, stage.ema, stage.opt, stage.scheduler, stage.finest,
+                                                  stage.steps)
     diffusion = Diffusion(DiffusionConfig(**stage.header["diffusion_config"])).to(cfg.device)  # --noise-schedule
     device, B, name = cfg.device, cfg.batch_size, RANKS[finest]
     net, amp = wrap_model(model, cfg, world)

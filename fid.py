@@ -45,6 +45,7 @@ decoded (with its PSNR), the best that model could draw.
 Read next: tests/ (docs/testing.md says what each file checks), or docs/ for the measured record.
 """
 import argparse
+import hashlib
 import io
 import math
 import os
@@ -63,7 +64,8 @@ from plumbing.cli import add_sampling_flags, input_path, output_path, positive_i
 from plumbing.images import draw, from_uint8, load_folder, psnr, to_uint8
 from plumbing.inception import MODES, cached_features, inception_features, load_inception
 from plumbing.latent import autoencoder_of, reconstruct
-from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset, toy_species
+from plumbing.readers import load_data
+from taxonomy import RANKS, Taxonomy, normalize, species_counts, toy_dataset, toy_species
 
 # -----------------------------------------------------------------------------
 # Statistics and the two distances (the Inception features they take: see the appendix)
@@ -208,19 +210,19 @@ def load_statistics(path, mode=None):
 
 
 # -----------------------------------------------------------------------------
-# Taxonomic accuracy: a small CNN that names the class, order, family, genus
-# and species of a toy tree image. Trained once on real toy images (a seed
-# the diffusion model never saw) and cached in out/.
+# Taxonomic accuracy: a small CNN with one head per rank that names the taxa it sees in an image. On the toy
+# tree it learns from freshly rendered toy images (a seed the diffusion model never saw); on other data, from
+# the checkpoint's own training images, minus a held-out split (the classifier's ceiling). Cached in out/.
 
-EVAL_RANKS = RANKS[2:]  # class .. species: kingdom is one for every toy species, and phylum follows from class
-CLASSIFIER_SEED = 1000  # toy images the classifier learns from
+EVAL_RANKS = tuple(range(2, len(RANKS)))  # the toy tree's: class .. species (kingdom and phylum follow from class)
+CLASSIFIER_SEED = 1000  # toy images the classifier learns from; also its weights' and batches' seed
 REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
 
 
 class TaxonClassifier(nn.Module):
-    """Images in [-1, 1], (B, 3, H, W) -> (features (B, 256), logits per rank [(B, V_r) for class..species])."""
+    """Images in [-1, 1], (B, 3, H, W) -> (features (B, 256), logits per rank [(B, V_r) for r in ranks])."""
 
-    def __init__(self, vocab_sizes, image_size=32, width=32):
+    def __init__(self, vocab_sizes, ranks=EVAL_RANKS, width=32):
         super().__init__()
 
         def block(cin, cout):  # a 3x3 conv, then halve the resolution
@@ -228,45 +230,42 @@ class TaxonClassifier(nn.Module):
         self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
                                   nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # (B, 4w * 4 * 4): keeps where a trait is
                                   nn.Linear(4 * width * 16, 256), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(256, vocab_sizes[RANKS.index(r)]) for r in EVAL_RANKS])
+        self.heads = nn.ModuleList([nn.Linear(256, vocab_sizes[r]) for r in ranks])
 
     def forward(self, x):
         f = self.body(x)
         return f, [head(f) for head in self.heads]
 
 
-def rank_targets(taxonomy, lineages):
-    """Lineages (names) -> ids (N, len(EVAL_RANKS)) in the classifier's vocabulary."""
-    ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
-    return ids[:, 2:]
+def rank_targets(taxonomy, lineages, ranks=EVAL_RANKS):
+    """Lineages (names) -> ids (N, len(ranks)) in `taxonomy`'s vocabulary, 0 where it does not know a name."""
+    return torch.tensor([[taxonomy.index[r].get(normalize(lin[r] or ""), 0) for r in ranks] for lin in lineages])
 
 
-def train_classifier(image_size=32, per_species=100, epochs=4, batch_size=128, seed=CLASSIFIER_SEED, log=print):
-    """Train the taxon classifier on freshly rendered toy images; returns (model, taxonomy)."""
-    torch.manual_seed(seed)
-    images, lineages = toy_dataset(per_species, image_size, seed)
-    taxonomy = Taxonomy(lineages)
-    y = rank_targets(taxonomy, lineages)  # (N, 5)
-    model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
+def train_classifier(images, y, vocab_sizes, ranks, epochs=4, batch_size=128, min_steps=0, log=print):
+    """Train a TaxonClassifier on uint8 images (N, 3, H, W) with targets y (N, len(ranks)); id 0 is not a target."""
+    torch.manual_seed(CLASSIFIER_SEED)
+    model = TaxonClassifier(vocab_sizes, ranks)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * (len(images) // batch_size)
+    per_epoch = max(1, len(images) // batch_size)
+    steps = max(epochs * per_epoch, min_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
     for step in range(steps):
-        if step % (len(images) // batch_size) == 0:
+        if step % per_epoch == 0:
             order = torch.randperm(len(images))
-        i = order[(step % (len(images) // batch_size)) * batch_size:][:batch_size]
-        x = from_uint8(images[i])
+        i = order[(step % per_epoch) * batch_size:][:batch_size]
+        x = from_uint8(torch.as_tensor(images[i.numpy()]))
         x = torch.where(torch.rand(len(i), 1, 1, 1) < 0.5, x.flip(-1), x)  # flips: the diffusion model learned them
         _, logits = model(x)
-        loss = sum(F.cross_entropy(l, y[i, r]) for r, l in enumerate(logits))
+        loss = sum(F.cross_entropy(l, y[i, r], ignore_index=0) for r, l in enumerate(logits) if y[i, r].any())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"classifier step {step}/{steps}: loss {loss.item():.4f}")
-    return model.eval(), taxonomy
+    return model.eval()
 
 
 def toy_targets(clf_tax, taxonomy, ids):
@@ -289,38 +288,61 @@ def toy_targets(clf_tax, taxonomy, ids):
 
 @torch.no_grad()
 def classify(model, images, batch_size=256):
-    """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(EVAL_RANKS)))."""
+    """uint8 images (N, 3, H, W) -> (features (N, 256) float64, predicted ids (N, len(ranks)))."""
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
-        f, logits = model(from_uint8(images[i:i + batch_size]))
+        f, logits = model(from_uint8(torch.as_tensor(images[i:i + batch_size])))
         feats.append(f.double())
         preds.append(torch.stack([l.argmax(1) for l in logits], 1))
     return torch.cat(feats).numpy(), torch.cat(preds)
 
 
-def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
-    """The cached classifier for this image size, trained (under a minute on CPU) if there is none."""
+def cached_classifier(path, key, lineages, ranks, train, min_steps=0, log=print):
+    """The classifier saved at `path` if it was made from the same `key`, else train() -> (images, targets), trained
+    on them and saved (atomically) with the taxonomy of `lineages`. Returns (model, taxonomy)."""
+    taxonomy = Taxonomy(lineages)
+    vocab_sizes = [len(v) for v in taxonomy.vocab]
     if os.path.exists(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["image_size"] == image_size and ckpt["seed"] == CLASSIFIER_SEED:
-            taxonomy = Taxonomy(ckpt["lineages"])
-            model = TaxonClassifier([len(v) for v in taxonomy.vocab], image_size)
-            model.load_state_dict(ckpt["model"])
-            return model.eval(), taxonomy
-        log(f"{path} was trained for {ckpt['image_size']} px images with seed {ckpt['seed']}; training a new one "
-            f"for {image_size} px with seed {CLASSIFIER_SEED}")
-    log(f"training the taxon classifier on toy images ({image_size} px) -> {path}")
-    model, taxonomy = train_classifier(image_size, log=log)
-    images, lineages = toy_dataset(20, image_size, REAL_SEED)
-    _, pred = classify(model, images)
-    acc = (pred == rank_targets(taxonomy, lineages)).float().mean(0)  # (5,)
-    log("classifier held-out accuracy: " + ", ".join(f"{r} {a:.2%}" for r, a in zip(EVAL_RANKS, acc)))
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            model = TaxonClassifier([len(v) for v in Taxonomy(saved["lineages"]).vocab], saved["ranks"])
+            model.load_state_dict(saved["model"])
+            return model.eval(), Taxonomy(saved["lineages"])
+        log(f"{path} was trained on other images; training it again")
+    log(f"training the taxon classifier -> {path}")
+    model = train_classifier(*train(taxonomy), vocab_sizes, ranks, min_steps=min_steps, log=log)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = io.BytesIO()
-    torch.save({"model": model.state_dict(), "lineages": taxonomy.lineages(), "image_size": image_size,
-                "seed": CLASSIFIER_SEED, "held_out_accuracy": acc.tolist()}, data)
+    torch.save({"model": model.state_dict(), "lineages": taxonomy.lineages(), "ranks": list(ranks), "key": key}, data)
     atomic_write(path, data.getbuffer())
     return model, taxonomy
+
+
+def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
+    """The toy tree's classifier for this image size, trained (under a minute on CPU) on 100 toy images a species."""
+    images, lineages = toy_dataset(100, image_size, CLASSIFIER_SEED)
+    return cached_classifier(path, f"toy {image_size} px, seed {CLASSIFIER_SEED}", lineages, EVAL_RANKS,
+                             lambda taxonomy: (images, rank_targets(taxonomy, lineages)), log=log)
+
+
+def data_classifier(ckpt, path, log=print):
+    """For a checkpoint not trained on the toy tree: a classifier of its own training images (read again as
+    train.py read them), at the ranks of its stages, keyed by those images; and the held-out split it never saw
+    (5 %, 2 to 500, fixed by the run's seed): (model, ranks, held-out images, their targets)."""
+    cfg, taxonomy = ckpt["train_config"], Taxonomy(ckpt["lineages"])
+    first, finest = RANKS.index(ckpt["stages"][0]), RANKS.index(ckpt["level"])
+    ranks = [r for r in range(first, finest + 1) if taxonomy.size(r)]  # every rank it names, first stage to level
+    images, lineages, _ = load_data(cfg["data"], cfg["image_size"], cfg["per_species"], cfg["seed"], cfg["format"],
+                                    cfg["top_rank"], cfg["columns"], cfg["image_root"], cfg["boxes"],
+                                    os.path.dirname(path) or ".")
+    y = rank_targets(taxonomy, lineages, ranks)  # (N, len(ranks)), in the checkpoint's ids
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))
+    n_held = max(2, min(500, len(images) // 20))  # two at least: FID needs a covariance
+    held, train = order[:n_held], order[n_held:]
+    key = hashlib.sha256(np.ascontiguousarray(images).tobytes() + y.numpy().tobytes() + str(ranks).encode())
+    model, _ = cached_classifier(path, key.hexdigest(), ckpt["lineages"], ranks,
+                                 lambda _: (images[train.numpy()], y[train]), min_steps=100, log=log)
+    return model, ranks, torch.as_tensor(images[held.numpy()]), y[held]
 
 
 # -----------------------------------------------------------------------------
@@ -353,28 +375,35 @@ def evaluate_checkpoint(args):
               "itself and its guided rows are unguided; use --guide-from null or parent")
     net = load_inception(args.inception, args.device)
     size = autoencoder.cfg.image_size if autoencoder else model.unet.cfg.image_size  # of the images, in pixels
-    ref = toy_reference(args, net, size, len(ids), autoencoder) if toy else real_reference(args, net, size)
+    ref = toy_reference(args, net, size, len(ids), autoencoder) if toy else real_reference(args, net, size, ckpt)
     rows, tail = ref["rows"], []  # (name, n, FID features, accuracies, classifier features); species right per image
     C, side = model.unet.cfg.in_channels, model.unet.cfg.image_size  # pixels, or latents
+    lo_hi = args.guidance_interval
+    interval = f", sigma in [{lo_hi[0]:g}, {lo_hi[1]:g}]" if lo_hi else ""
     x_T = torch.randn((len(ids), C, side, side), generator=torch.Generator(args.device).manual_seed(args.seed),
                       device=args.device)
+    calls = []  # the batch size of every network call: their sum / N is the calls per image
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
     for scale in args.guidance:
+        calls.clear()
         images = to_uint8(draw(diffusion, model, ids.to(args.device), x_T, scale, args.guide_from, root_rank,
                                args.steps, args.sampler, args.sample_batch_size, args.seed, autoencoder,
-                               desc=f"sampling (guidance {scale:g})")).cpu()
+                               f"sampling (guidance {scale:g})", args.guidance_interval)).cpu()
         feats = inception_features(net, images, args.mode, args.batch_size, args.device, "inception (generated)")
-        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from})"
-        acc, cf = None, None
-        if toy:
-            cf, pred = classify(ref["clf"], images)
-            target = toy_targets(ref["clf_tax"], taxonomy, ids)
-            acc = (pred == target).float().mean(0)
-            acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
-            if RANKS[finest] == "species":
-                tail.append((name, (pred[:, -1] == target[:, -1]).numpy()))
+        name = "no guidance" if scale == 1 else f"guidance {scale:g} ({args.guide_from}{interval})"
+        name += f", {sum(calls) / len(ids):g} calls/image"
+        cf, pred = classify(ref["clf"], images)
+        target = toy_targets(ref["clf_tax"], taxonomy, ids) if toy else ids[:, ref["ranks"]]
+        acc = (pred == target).float().mean(0)
+        acc[target.eq(0).all(0)] = float("nan")  # ranks below the checkpoint's finest: not asked for
+        if toy and RANKS[finest] == "species":
+            tail.append((name, (pred[:, -1] == target[:, -1]).numpy()))
         rows.append((name, len(images), feats, acc, cf))
 
-    print_table(rows, ref["real_f"], ref.get("real_cf"), ref.get("real_stats"))
+    print_table(rows, ref["real_f"], ref["real_cf"], ref.get("real_stats"), [RANKS[r] for r in ref["ranks"]])
+    if not toy:
+        print("The taxon classifier has seen only this checkpoint's training images (it is not BioCLIP); its "
+              "accuracy on the held-out ones is the ceiling a generated image can reach.")
     if tail and (split := rare_and_common(ckpt["train_config"], [taxonomy.vocab[finest][i] for i in ids[:, finest]])):
         print_long_tail(tail, *split)
 
@@ -399,25 +428,33 @@ def toy_reference(args, net, size, n, autoencoder):
         feats = cached_features(net, images, args.mode, args.batch_size, args.device, f"inception ({name})", cache)
         cf, pred = classify(clf, images)
         rows.append((name, len(images), feats, (pred == rank_targets(clf_tax, lineages)).float().mean(0), cf))
-    return dict(rows=rows, real_f=real_f, real_cf=classify(clf, real_set)[0], clf=clf, clf_tax=clf_tax)
+    return dict(rows=rows, real_f=real_f, real_cf=classify(clf, real_set)[0], clf=clf, clf_tax=clf_tax,
+                ranks=EVAL_RANKS)
 
 
-def real_reference(args, net, size):
-    """--real: a folder of images (at the generated images' resolution, not the folder's own) or saved statistics."""
+def real_reference(args, net, size, ckpt):
+    """--real: a folder of images (at the generated images' resolution, not the folder's own) or saved statistics;
+    and the checkpoint's own classifier, with its held-out training images as a row: the accuracy ceiling."""
+    clf, ranks, held, held_y = data_classifier(ckpt, os.path.join(os.path.dirname(args.ckpt) or ".",
+                                                                  "taxon_classifier.pt"))
+    held_cf, pred = classify(clf, held)
+    held_f = inception_features(net, held, args.mode, args.batch_size, args.device, "inception (held out)")
+    ref = dict(rows=[("held-out training images (the ceiling)", len(held), held_f, (pred == held_y).float().mean(0),
+                      held_cf)], real_f=None, real_cf=held_cf, clf=clf, ranks=ranks)
     if str(args.real).endswith(".npz"):
         mu, sigma = load_statistics(args.real, args.mode)
         if mu.shape != (2048,):  # e.g. pytorch-fid --dims 768: said now, not after the sampling
             raise ValueError(f"{args.real}: statistics of {len(mu)}-d features; FID here uses Inception's "
                              "2048-d pool3 (pytorch-fid's default --dims 2048)")
-        return dict(rows=[], real_f=None, real_stats=(mu, sigma))
+        return {**ref, "real_stats": (mu, sigma)}
     real = load_folder(args.real, size)
-    return dict(rows=[], real_f=inception_features(net, real, args.mode, args.batch_size, args.device))
+    return {**ref, "real_f": inception_features(net, real, args.mode, args.batch_size, args.device)}
 
 
-def print_table(rows, real_f, real_cf, real_stats=None):
-    """One markdown table: a row (name, n, Inception features, accuracies or None, classifier features or None)
+def print_table(rows, real_f, real_cf, real_stats=None, ranks=tuple(RANKS[r] for r in EVAL_RANKS)):
+    """One markdown table: a row (name, n, Inception features, accuracies at `ranks`, classifier features)
     against the real images' features real_f (FID and KID), or their saved (mu, sigma) real_stats (FID only)."""
-    head = ["images", "n", "FID", "KID x1e3"] + list(EVAL_RANKS) + ["classifier FD"]
+    head = ["images", "n", "FID", "KID x1e3"] + list(ranks) + ["classifier FD"]
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, count, feats, acc, cf in rows:
         if real_f is not None:
@@ -426,9 +463,9 @@ def print_table(rows, real_f, real_cf, real_stats=None):
             kid_s = f"{1e3 * kid:.2f} ± {1e3 * kid_std:.2f}"
         else:
             fd, kid_s = frechet_distance(*statistics(feats), *real_stats), "-"
-        accs = ["-"] * len(EVAL_RANKS) if acc is None else ["-" if math.isnan(a) else f"{a:.1%}" for a in acc]
-        cfd = "-" if cf is None else f"{frechet_distance(*statistics(cf), *statistics(real_cf)):.2f}"
-        print(f"| {name} | {count} | {fd:.2f} | {kid_s} | " + " | ".join(accs) + f" | {cfd} |")
+        accs = ["-" if math.isnan(a) else f"{a:.1%}" for a in acc]
+        print(f"| {name} | {count} | {fd:.2f} | {kid_s} | " + " | ".join(accs) +
+              f" | {frechet_distance(*statistics(cf), *statistics(real_cf)):.2f} |")
     print(f"\nFID and KID against {len(real_f) if real_f is not None else 'saved statistics of'} real images; "
           "accuracy = how often the taxon classifier names the conditioned taxon at each rank; "
           "classifier FD = Frechet distance on the classifier's 256-d features (not FID).")
@@ -516,7 +553,8 @@ def build_parser():
 
 
 # flags that only mean something for a checkpoint's samples; with two folders they would be silently ignored
-SAMPLING_FLAGS = ("real", "guidance", "n_per_taxon", "steps", "sampler", "guide_from", "seed", "sample_batch_size")
+SAMPLING_FLAGS = ("real", "guidance", "n_per_taxon", "steps", "sampler", "guide_from", "guidance_interval", "seed",
+                  "sample_batch_size")
 
 
 def given_flags(argv):

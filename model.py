@@ -134,6 +134,10 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
+    def sigma(self, t):
+        """The noise level of step t, sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps."""
+        return ((1 - self.alpha_bar[t]) / self.alpha_bar[t]).sqrt().item()
+
     def eps(self, model, x_t, t, ids):
         """eps_theta(x_t, t): the network's output read as a noise prediction.
 
@@ -287,13 +291,20 @@ def negative_lineage(ids, guide_from, root_rank):
     raise ValueError(f"unknown guidance negative '{guide_from}' (use null, parent or root)")
 
 
-def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_rank=2):
-    """eps = eps(c_neg) + s * (eps(c) - eps(c_neg)); both halves in one batch. s = 1 is plain conditioning."""
+def guided_eps_fn(diffusion, model, ids, scale, guide_from="null", root_rank=2, interval=None):
+    """eps = eps(c_neg) + s * (eps(c) - eps(c_neg)); both halves in one batch. s = 1 is plain conditioning.
+
+    interval = (lo, hi) guides only at the steps whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    lies in [lo, hi] (Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere a step is one conditional call.
+    Sigma, not t, because it is the noise itself: the same interval means the same noise on every beta schedule.
+    """
     if scale == 1.0:
         return lambda x, t: diffusion.eps(model, x, t, ids)
     both = torch.cat([ids, negative_lineage(ids, guide_from, root_rank)])  # (2B, R)
 
-    def eps_fn(x, t):
+    def eps_fn(x, t):  # a sampler's t is one timestep for the whole batch
+        if interval is not None and not interval[0] <= diffusion.sigma(t[0]) <= interval[1]:
+            return diffusion.eps(model, x, t, ids)
         # one batch of both branches, (2B, C, H, W), split back into two (B, C, H, W)
         eps_c, eps_neg = diffusion.eps(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return eps_neg + scale * (eps_c - eps_neg)

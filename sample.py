@@ -5,13 +5,17 @@ Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
     python sample.py --lineage "Corvus corax" --guide-from parent
     python sample.py --lineage "Parus major" --refine           # one row per rank, class -> species
     python sample.py --list                                     # the taxonomy the checkpoint knows
+    python sample.py --lineage "Aves/Passeriformes/Corvidae/Corvus/Corvus novus"   # a new species: its genus
 
 Names may start at any rank and are matched ignoring case ('_' reads as a
-space); '...' or a missing tail leaves the finer ranks unspecified. A latent
-checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
+space); '...' or a missing tail leaves the finer ranks unspecified. A name the
+checkpoint does not know is a typo, unless it ends a lineage right below its
+parent: then it is a new taxon, drawn as that parent (train.py --extend teaches
+it). A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
 
 Read next: fid.py.
 """
+import difflib
 import math
 import os
 import sys
@@ -38,7 +42,7 @@ def main(args):
     autoencoder = autoencoder_of(ckpt, args.ckpt, args.device)  # a latent checkpoint's, from beside it; None in pixels
     finest = RANKS.index(ckpt["level"])  # the checkpoint knows ranks 0..finest
     root_rank = RANKS.index(ckpt["stages"][0])
-    ids = torch.tensor(taxonomy.parse(args.lineage), device=args.device)  # (R,)
+    ids = torch.tensor(lineage_ids(taxonomy, args.lineage, args.ckpt), device=args.device)  # (R,)
     if deepest_rank(ids[None]).item() > finest:  # ids[None]: (1, R), a batch of one lineage
         print(f"note: this checkpoint was trained down to {ckpt['level']}; finer ranks of the lineage are ignored")
         ids = cut_lineage(ids[None], finest)[0]  # (1, R) -> (R,)
@@ -63,6 +67,24 @@ def main(args):
     else:  # a near-square grid: 16 images as 4 x 4
         save_grid(images, out, next(c for c in range(math.isqrt(args.n - 1) + 1, args.n + 1) if args.n % c == 0))
     print(f"{len(images)} images of '{name}' -> {out}")
+
+
+def lineage_ids(taxonomy, text, ckpt):
+    """The ids of --lineage. A lineage that ends in a name new to the checkpoint, after its parent
+    (taxonomy.parse_new), draws the parent and says how to teach it; any other unknown name is a typo."""
+    try:
+        return taxonomy.parse(text)
+    except LineageError:
+        if not (new := taxonomy.parse_new(text)):
+            raise
+        ids, r, name = new
+        parent = taxonomy.vocab[r - 1][ids[r - 1]]
+        siblings = [taxonomy.vocab[q][i] for q, i in taxonomy.children((r - 1, ids[r - 1]))]
+        typo = "".join(f" (or did you mean '{n}'?)" for n in difflib.get_close_matches(name, siblings, 1, 0.85))
+        print(f"note: {ckpt} does not know the {RANKS[r]} '{name}'{typo}, so this draws its {RANKS[r - 1]} '{parent}'"
+              f"; to teach it, put its pictures in NEW/{parent}/{name}/ and run python train.py --extend {ckpt} "
+              f"--data NEW --out out/extended")
+        return ids
 
 
 def build_parser():

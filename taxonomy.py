@@ -106,6 +106,30 @@ class Taxonomy:
             node, start = (r, i), r + 1
         return self.ancestors(*node)
 
+    def parse_new(self, text):
+        """A lineage whose last name the tree does not know: (ids of its parent's lineage, the new name's rank, the
+        name), or None. A new name counts only at the end of a lineage whose every other name is known and whose
+        last known name is its parent, the rank above it ('Aves/.../Corvus/Corvus novus'); else it is a typo."""
+        parent, _, name = re.sub(r"(/\s*(\.\.\.|…)?\s*)+$", "", text.strip()).rpartition("/")
+        try:
+            ids = self.parse(parent) if parent else None
+        except LineageError:
+            return None
+        r = ids and max(q for q, i in enumerate(ids) if i) + 1  # the rank below the parent
+        new = ids and r < len(RANKS) and not any(normalize(name) in index for index in self.index)
+        return (ids, r, name.strip()) if new else None
+
+    def merge(self, lineages):
+        """Add an extension's lineages after the taxa already known, so every old id stays. Returns them completed
+        from the tree (a folder 'Corvus/Corvus novus' gains Animalia/.../Corvidae) and the new taxa per rank;
+        a known name under another parent raises add's LineageError, naming both."""
+        before, full = [len(v) for v in self.vocab], []
+        for lineage in lineages:
+            ids = self.add(lineage)
+            r = max(q for q, i in enumerate(ids) if i)
+            full.append(tuple(self.vocab[q][i] if i else None for q, i in enumerate(self.ancestors(r, ids[r]))))
+        return full, [len(v) - n for v, n in zip(self.vocab, before)]
+
     def _unknown(self, name, node, start):
         # suggest first among the children of the previous name, then anywhere
         near = [self.vocab[r][i] for r, i in self.children(node)] if node else []
@@ -323,8 +347,34 @@ def render_toy(traits, rng, size=32, supersample=4):
     return (img * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
 
-def species_counts(per_species, seed=0):
-    """Training images of each toy species (in toy_species() order) for a --per-species value.
+def held_out(spec, seed=0):
+    """--hold-out: (indices in toy_species() order of the species a run leaves out, images each keeps).
+
+    "Corvus corax,Pica pica" leaves those out; "one-per-genus:8" one species in each of 8 genera, all picked by
+    the seed ("one-per-genus": every genus); a "/K" ending keeps K images of each (few-shot from scratch).
+    """
+    if not spec:
+        return [], 0
+    names = [lineage[-1] for lineage, _ in toy_species()]  # a genus's two species are neighbours
+    keys, (spec, _, kept) = [normalize(n) for n in names], spec.partition("/")
+    if m := re.fullmatch(r"one-per-genus(?::(\d+))?", spec):
+        if not 0 < (n := int(m[1] or len(names) // 2)) <= len(names) // 2:
+            raise ValueError(f"--hold-out one-per-genus:N takes 1 to {len(names) // 2} genera (got {n})")
+        rng = np.random.default_rng([seed, 1000])  # no toy species has index 1000: no image's stream
+        held = [2 * int(g) + int(rng.integers(2)) for g in sorted(rng.permutation(len(names) // 2)[:n])]
+    elif unknown := [n for n in spec.split(",") if normalize(n) not in keys]:
+        guess = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        raise ValueError(f"--hold-out: '{unknown[0]}' is no toy species{hint}")
+    else:
+        held = sorted({keys.index(normalize(n)) for n in spec.split(",")})
+    if kept and not kept.isdigit():
+        raise ValueError(f"--hold-out: after '/' comes how many images each held-out species keeps (got '{kept}')")
+    return held, int(kept or 0)
+
+
+def species_counts(per_species, seed=0, hold_out=""):
+    """Training images of each toy species (in toy_species() order) for a --per-species value, and --hold-out.
 
     "64" gives every species 64 images. Real data has a long tail, which is where sharing
     ancestors should matter most, so two skewed trees are built in, deterministic in the seed:
@@ -332,6 +382,9 @@ def species_counts(per_species, seed=0):
     "zipf:64"     species ranked in a seeded order get 64 / rank images (64, 32, 21, ..., at least 1).
     """
     spec, n = str(per_species), len(toy_species())
+    if hold_out:
+        held, kept = held_out(hold_out, seed)
+        return [kept if s in held else c for s, c in enumerate(species_counts(per_species, seed))]
     # The tree's own stream. numpy pads a seed with zeros, so [seed, 7] is also the stream of species 7's
     # first image, [seed, 7, 0]: one image's pose tied to the coin flips, harmless, and kept so that the
     # long-tailed trees of the committed claims grid stay the same.
@@ -348,11 +401,11 @@ def species_counts(per_species, seed=0):
     raise ValueError(f"--per-species '{spec}' is not a count (64), pairs:RICH/RARE (pairs:64/4) or zipf:MAX (zipf:64)")
 
 
-def toy_dataset(per_species=64, size=32, seed=0):
+def toy_dataset(per_species=64, size=32, seed=0, hold_out=""):
     """Render the toy tree: (images uint8 (N, 3, size, size), lineages as names).
-    per_species: images of every species, or a long-tailed tree (see species_counts)."""
+    per_species: images of every species, or a long-tailed tree; hold_out: species left out (species_counts)."""
     images, lineages = [], []
-    for s, ((lineage, traits), count) in enumerate(zip(toy_species(), species_counts(per_species, seed))):
+    for s, ((lineage, traits), count) in enumerate(zip(toy_species(), species_counts(per_species, seed, hold_out))):
         for k in range(count):
             rng = np.random.default_rng([seed, s, k])  # deterministic in (seed, species, index)
             images.append(render_toy(traits, rng, size))

@@ -48,18 +48,19 @@ from model import Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, 
 from plumbing.checkpoints import (CheckpointError, by_name, check_checkpoint, read_checkpoint, run_header,
                                   stage_flags, to_device)
 from plumbing.cli import (GUIDE_FROM, SAMPLERS, check_flag_pairs, check_run, config_parser, device_name,
-                          downsampling_factor, finite_float, flag, fraction, input_path, nonneg_int, output_path,
-                          per_species, positive_float, positive_int, positive_int_list, sampling_steps)
+                          downsampling_factor, finite_float, flag, fraction, hold_out, input_path, nonneg_int,
+                          output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps)
 from plumbing.images import draw, save_grid
 from plumbing.latent import autoencoder_stage, encode_dataset, held_out_split
 from plumbing.randomness import stage_batches, step_randomness
 from plumbing.readers import FORMATS, read_data
 from plumbing.signals import catch_stop_signals, loss_error, run_guard, stopped
 from plumbing.torchrun import barrier, load_resumable, mean_over_processes, save_resumable, start_processes, wrap_model
-from taxonomy import RANKS, TaxonDataset, Taxonomy
+from taxonomy import RANKS, LineageError, TaxonDataset, Taxonomy
 from unet import SIZES, UNetConfig
 
 SCHEDULES, FREEZE = ("progressive", "all", "random", "flat"), ("none", "unet", "new-rank")
+INITS, EXTEND_TRAINS = ("zero", "random"), ("new-rows", "all")
 BETAS, ATTENTION = ("auto", "linear", "cosine", "scaled-linear"), ("auto", "triton", "sdpa", "torch")
 EDGE_LOSSES = ("fft", "gradient", "ssim", "none")
 
@@ -74,7 +75,7 @@ class TrainConfig:
     p_uncond: float = flag(0.1, "probability of dropping the whole lineage (for guidance)", fraction)
     p_cut: float = flag(0.2, "probability of cutting the lineage at a random coarser rank", fraction)
     freeze: str = flag("none", "what a later stage trains: none = all, unet = the lineage readers, new-rank", FREEZE)
-    new_rank_init: str = flag("zero", "a new rank's table starts at zero (as its parent) or random", ("zero", "random"))
+    new_rank_init: str = flag("zero", "a new rank's table (or taxon's row) starts at 0 (its parent) or random", INITS)
     loss_weight: str = flag("v", "v: the v-error, eps-error / alpha_bar_t; eps: Algorithm 1's", ("eps", "v"))
     noise_schedule: str = flag("auto", "betas; auto = scaled-linear (LDM's) on latents, else linear (Ho's)", BETAS)
     # the steps
@@ -101,12 +102,17 @@ class TrainConfig:
     data: str = flag("toy", "'toy', a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)")
     image_size: int = flag(32, "images are resized to image_size x image_size", positive_int)
     per_species: str = flag("64", "toy images per species, or a long tail: pairs:64/4, zipf:64", per_species)
+    hold_out: str = flag("", "toy species left out: names, or one-per-genus:N (by --seed); /K keeps K images", hold_out)
     format: str = flag("auto", "reader of --data; auto = from what the path is", FORMATS)
     top_rank: str = flag("auto", "folder trees: the rank of the top folders", ("auto",) + RANKS)
     columns: str = flag("", "tables: our=their column names, e.g. 'image=file,species=scientific_name'")
     image_root: str = flag("", "tables and iNat JSON: where image paths start (default: the file's folder)", input_path)
     boxes: str = flag("", "FishNet: bounding-box JSON {file stem: {x, y, w, h}} to crop each image", input_path)
     conflicts: str = flag("error", "a taxon under two parents: error, or keep-first", ("error", "keep-first"))
+    # teaching a trained model new taxa (README, "Add a species")
+    extend: str = flag("", "a stage checkpoint to teach the new taxa of --data, each as its parent first", input_path)
+    extend_steps: int = flag(200, "--extend: fine-tune steps (0: only add the new taxa, as their parents)", nonneg_int)
+    extend_trains: str = flag("new-rows", "--extend: the new taxa's rows (old ones kept exactly) or all", EXTEND_TRAINS)
     # the run
     seed: int = flag(0, "seeds the toy data, the weights, the batches and the grids", nonneg_int)
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N", device_name)
@@ -197,23 +203,30 @@ def train_stage(cfg, stage, stage_ranks, dataset, taxonomy, log, rank=0, world=1
                       f"img/s {(step - stage.start) * B / (time.time() - t0):.1f}\n")
             log.flush()
         if stopping or (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            save_resumable(stage.last_path, rank, world, **stage.header, model=model.state_dict(), ema=ema.state_dict(),
-                           optimizer=opt.state_dict(), scheduler=scheduler.state_dict(), step=step,
-                           cooldown_steps=stage.cool, level=name)
-            saved = step
+            saved = save_stage(stage, step, rank, world)
         if stopping:
             return stopped(step, steps, f"stage {name}", stage.last_path, stop, rank)
+    if not steps:  # train.py --extend --extend-steps 0: the new taxa added, as their parents, and nothing trained
+        save_stage(stage, 0, rank, world)
     if rank == 0:
         finish_stage(cfg, stage, diffusion, taxonomy, stage_ranks[0], time.time() - t0, log)
     barrier(world)  # the next stage reads out/<level>.pt in every process
     return None
 
 
+def save_stage(stage, step, rank, world):
+    """Write out/<level>.last.pt: all the stage needs to carry on after `step`. Returns the step."""
+    save_resumable(stage.last_path, rank, world, **stage.header, model=stage.model.state_dict(), step=step,
+                   ema=stage.ema.state_dict(), optimizer=stage.opt.state_dict(), level=RANKS[stage.finest],
+                   scheduler=stage.scheduler.state_dict(), cooldown_steps=stage.cool)
+    return step
+
+
 def finish_stage(cfg, stage, diffusion, taxonomy, root_rank, train_time, log):
     """Draw the stage's grid with its EMA weights, then make out/<level>.pt the stage's result."""
     t1, name = time.time(), RANKS[stage.finest]
     # one row per taxon of this rank, EMA weights, the same noise in every row (so columns compare)
-    taxa = range(1, len(taxonomy.vocab[stage.finest]))
+    taxa = range(stage.grid_from, len(taxonomy.vocab[stage.finest]))
     C, size = stage.model.unet.cfg.in_channels, stage.model.unet.cfg.image_size  # pixels, or latents
     x_T = torch.randn((cfg.grid_cols, C, size, size), generator=torch.Generator(cfg.device).manual_seed(cfg.seed),
                       device=cfg.device)
@@ -246,6 +259,7 @@ class Stage:
     path: str  # out/<level>.pt, written when the stage is done
     last_path: str  # out/<level>.last.pt, all it needs to carry on
     autoencoder: object  # --latent: the Autoencoder whose latents it learns (its grid is decoded); None in pixels
+    grid_from: int = 1  # the grid's first taxon (an extension draws its new ones)
 
 
 def build_stage(cfg, finest, steps, cool, stage_ranks, taxonomy, prev_path, rank=0, world=1, autoencoder=None):
@@ -275,28 +289,35 @@ def build_stage(cfg, finest, steps, cool, stage_ranks, taxonomy, prev_path, rank
     torch.manual_seed(cfg.seed + finest + 1000 * (rank + 1))
 
     start, source = 0, prev_path or "scratch"
+    prev = read_checkpoint(prev_path) if prev_path else None
+    # What starts as its parent, {rank: its first new id}: a stage's new ranks, whole; an extension's new taxa
+    new = ({r: len(v) for r, v in enumerate(prev["vocab"]) if len(v) < len(taxonomy.vocab[r])} if cfg.extend else
+           {r: 0 for r in range(stage_ranks[stage_ranks.index(finest) - 1] + 1, finest + 1)} if prev else {})
     if resumed:  # an interrupted run of this stage: carry on exactly where it stopped
         objects = {"model": model, "ema": ema, "optimizer": opt, "scheduler": scheduler}
         start = load_resumable(resumed, objects, rank, world)
         source = f"{last_path} at step {start}"
-    elif prev_path:  # the stage before: its rank tables reordered by taxon name into this run's ids
-        prev = read_checkpoint(prev_path)
-        check_checkpoint(prev, prev_path, header, stage_flags(cfg))
-        model.load_state_dict(by_name(prev["model"], prev["vocab"], taxonomy))
-        ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))
+    elif prev:  # the stage before (its rank tables reordered by taxon name into this run's ids), or the one extended
+        if not cfg.extend:  # an extension has new taxa and data by design, and the network of its checkpoint
+            check_checkpoint(prev, prev_path, header, stage_flags(cfg))
+        model.load_state_dict(by_name(prev["ema" if cfg.extend else "model"], prev["vocab"], taxonomy))  # the
+        ema.load_state_dict(by_name(prev["ema"], prev["vocab"], taxonomy))  # extension goes on from what draws
         if cfg.new_rank_init == "random":  # the ablation: new taxa start apart, like a table trained from scratch
-            for r in range(stage_ranks[stage_ranks.index(finest) - 1] + 1, finest + 1):
-                torch.nn.init.normal_(model.conditioner.embed[r].weight)  # N(0, 1), nn.Embedding's own init
+            for r, first in new.items():
+                torch.nn.init.normal_(model.conditioner.embed[r].weight[first:])  # N(0, 1), nn.Embedding's own
                 ema.conditioner.embed[r].weight.copy_(model.conditioner.embed[r].weight)
-    if prev_path:  # --freeze: what a later stage may change (AdamW skips what gets no gradient)
-        new_ranks = range(stage_ranks[stage_ranks.index(finest) - 1] + 1, finest + 1)
+    if prev:  # --freeze (--extend-trains): what may change (AdamW skips what gets no gradient)
+        freeze = {"new-rows": "new-rank", "all": "none"}[cfg.extend_trains] if cfg.extend else cfg.freeze
         for n, p in model.named_parameters():
-            p.requires_grad_(trainable(n, cfg.freeze, new_ranks))
+            p.requires_grad_(trainable(n, freeze, new))
+        for r, first in new.items() if freeze == "new-rank" else ():  # an old taxon's row gets no gradient
+            model.conditioner.embed[r].weight.register_hook(lambda g, k=first: torch.cat([0 * g[:k], g[k:]]))
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {RANKS[finest]}: ranks {'/'.join(RANKS[:finest + 1])}, {n_params / 1e6:.2f} M params, "
               f"{steps} steps of {cfg.batch_size}{f' on {world} processes' if world > 1 else ''}, from {source}")
-    return Stage(finest, steps, cool, model, ema, opt, scheduler, start, header, path, last_path, autoencoder)
+    return Stage(finest, steps, cool, model, ema, opt, scheduler, start, header, path, last_path, autoencoder,
+                 new.get(finest, 1) if cfg.extend and new else 1)
 
 
 def lr_factor(s, steps, warmup, cooldown):
@@ -333,12 +354,15 @@ def main(cfg):
     rank, world, cfg = start_processes(cfg)
     with run_guard():  # on the way out: signal handlers put back, processes parted, a bad checkpoint in one line
         check_run(cfg, world)
-        dataset, taxonomy, stage_ranks = load_dataset(cfg, rank, world)
-        stages = schedule_stages(cfg, stage_ranks)
+        if cfg.extend:  # one stage at the checkpoint's level, its new taxa starting as their parents
+            cfg, dataset, taxonomy, stage_ranks, stages = load_extension(cfg, rank, world)
+        else:
+            dataset, taxonomy, stage_ranks = load_dataset(cfg, rank, world)
+            stages = schedule_stages(cfg, stage_ranks)
         if rank == 0:
             print(describe_run(dataset, taxonomy, cfg.schedule, stages))
         stop = catch_stop_signals()
-        prev_path, autoencoder = None, None
+        prev_path, autoencoder = cfg.extend or None, None
         with open(os.path.join(cfg.out, "train.log") if rank == 0 else os.devnull, "a") as log:
             if cfg.latent:  # the autoencoder first, a stage of its own; the rank stages then learn its latents
                 autoencoder, signum = autoencoder_stage(cfg, dataset, log, rank, world, stop)
@@ -382,6 +406,36 @@ def load_dataset(cfg, rank=0, world=1):
     # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
     taxonomy = Taxonomy(tree.lineages())
     return TaxonDataset(images, lineages, taxonomy, flip=False), taxonomy, stage_ranks  # the loop flips, with its own generator
+
+
+# The checkpoint's choices an extension keeps: its network, betas, ranks and condition dropout
+INHERITED = ("level", "first_level", "schedule", "p_uncond", "p_cut", "loss_weight", "noise_schedule", "size",
+             "image_size")
+
+
+def load_extension(cfg, rank=0, world=1):
+    """--extend: the run of the checkpoint cfg.extend (INHERITED) on the images of --data, whose new taxa join its
+    taxonomy after the old ones (old ids kept: build_stage gives them zero rows), and its one stage to train."""
+    old = read_checkpoint(cfg.extend)
+    cfg, finest = replace(cfg, **{k: old["train_config"][k] for k in INHERITED}), RANKS.index(old["level"])
+    if old["autoencoder"]:
+        raise SystemExit(f"error: {cfg.extend} draws latents; --extend teaches pixel checkpoints only")
+    if os.path.abspath(os.path.dirname(cfg.extend)) == os.path.abspath(cfg.out):
+        raise SystemExit(f"error: --out {cfg.out} holds {cfg.extend}; write the extended model to another --out")
+    images, lineages, _ = read_data(cfg, rank, world)
+    taxonomy = Taxonomy(old["lineages"])
+    try:
+        lineages, added = taxonomy.merge(lineages)
+    except LineageError as e:
+        raise SystemExit(f"error: {cfg.data} does not fit {cfg.extend}: {e}") from None
+    if cfg.extend_steps and not any(added[:finest + 1]):
+        raise SystemExit(f"error: {cfg.data} adds nothing to {cfg.extend}: it knows every name down to {old['level']}")
+    if rank == 0:
+        print(f"{cfg.data} adds {', '.join(f'{n} {RANKS[r]}' for r, n in enumerate(added) if n)} to {cfg.extend}")
+    keep = [i % len(images) for i in range(max(len(images), cfg.batch_size))]  # a few pictures fill a batch
+    dataset = TaxonDataset(images[keep], [lineages[i] for i in keep], taxonomy, flip=False)
+    stages = [(finest, cfg.extend_steps, round(cfg.cooldown * cfg.extend_steps))]
+    return cfg, dataset, taxonomy, [RANKS.index(r) for r in old["stages"]], stages
 
 
 def skipped_ranks_note(tree, stage_ranks, first_level, level):

@@ -208,12 +208,13 @@ FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "com
                   "guidance", "guide_from", "grid_cols", "grid_steps", "grid_sampler")
 LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
                 "ae_edge_loss")
+EXTEND_FLAGS = ("extend", "extend_steps", "extend_trains")
 
 
 def stage_flags(cfg):
     """The flags a rank stage's checkpoint must share with this run: all but FREE_ON_RESUME, and on pixels all but
-    the autoencoder's, which then change nothing."""
-    free = FREE_ON_RESUME + (() if cfg.latent else LATENT_FLAGS)
+    the autoencoder's (and in a stage those of train.py --extend), which then change nothing."""
+    free = FREE_ON_RESUME + (() if cfg.latent else LATENT_FLAGS) + (() if cfg.extend else EXTEND_FLAGS)
     return [k for k in asdict(cfg) if k not in free]
 
 
@@ -234,7 +235,8 @@ def check_checkpoint(ckpt, path, header, flags, resuming=False):
                                   f"on {'latents (--latent)' if ours else 'pixels'}; {fix}")
     if "lineages" in header:
         if ckpt.get("ranks") != header["ranks"]:
-            raise CheckpointError(f"{path} has ranks {ckpt.get('ranks')}, this run {'/'.join(header['ranks'])}; {fix}")
+            raise CheckpointError(f"{path} has ranks {'/'.join(ckpt.get('ranks') or ())}, this run "
+                                  f"{'/'.join(header['ranks'])}; {fix}")
         ours, theirs = set(map(tuple, header["lineages"])), set(map(tuple, ckpt["lineages"]))
         if ours != theirs:
             def some(lineages):
@@ -250,6 +252,9 @@ def check_checkpoint(ckpt, path, header, flags, resuming=False):
         for k, v in header.get(what, {}).items():
             if k != "attention_impl" and ckpt[what].get(k) != v:  # the attention path computes the same function
                 raise CheckpointError(f"{path} has {what} {k}={ckpt[what].get(k)}, this run {k}={v}; {fix}")
+    if resuming and "vocab" in header and "cooldown_steps" not in ckpt:  # a stage's .last.pt keeps its cool-down
+        raise CheckpointError(f"{path} was written by another version of train.py (no cooldown_steps); "
+                              "delete it to train this stage again")
     if resuming and "vocab" in header and ckpt["vocab"] != header["vocab"]:
         raise CheckpointError(f"{path} numbers the taxa in another order than the data lists them; "
                               "delete it to train this stage again")
@@ -260,11 +265,13 @@ def by_name(state, vocab, taxonomy):
 
     A taxon's id is its position in a vocabulary, which follows the order the data
     happened to list the taxa in; its name does not. vocab[r][j] is the name the
-    checkpoint gave id j at rank r, so row j of its table moves to our id of that name.
+    checkpoint gave id j at rank r, so row j of its table moves to our id of that name. A name it lacks (a
+    taxon new to train.py --extend) gets a row of zeros: it starts as its parent.
     """
     state = dict(state)
     for r, names in enumerate(vocab):
         theirs = {normalize(name): j for j, name in enumerate(names)}
-        rows = [theirs[normalize(name)] for name in taxonomy.vocab[r]]  # check_checkpoint: the same names
-        state[f"conditioner.embed.{r}.weight"] = state[f"conditioner.embed.{r}.weight"][rows]
+        rows = [theirs.get(normalize(name), len(names)) for name in taxonomy.vocab[r]]  # len(names): the zero row
+        table = state[f"conditioner.embed.{r}.weight"]
+        state[f"conditioner.embed.{r}.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])[rows]
     return state

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from model import DiffusionConfig
-from taxonomy import RANKS, species_counts
+from taxonomy import RANKS, held_out, species_counts
 from unet import SIZES, UNetConfig
 
 
@@ -95,6 +95,15 @@ def per_species(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive count (64), pairs:RICH/RARE (pairs:64/4) or "
                                          f"zipf:MAX (zipf:64), all at least 1 (got '{text}')") from None
+    return text
+
+
+def hold_out(text):
+    """--hold-out: toy species a run leaves out (taxonomy.held_out says how to write them)."""
+    try:
+        held_out(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--hold-out: ")) from None
     return text
 
 
@@ -202,6 +211,8 @@ def check_flag_pairs(cfg, error):
               f"(got {cfg.image_size})")
     if RANKS.index(cfg.level) < RANKS.index(cfg.first_level):
         error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
+    if cfg.hold_out and cfg.data != "toy":
+        error(f"argument --hold-out: leaves species of the toy tree out, and --data is {cfg.data}")
     if cfg.p_uncond + cfg.p_cut > 1:
         error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
               f"as both are shares of one random draw (got {cfg.p_cut:g})")

@@ -30,18 +30,18 @@ def psnr(a, b):
 
 
 @torch.inference_mode()
-def draw(diffusion, model, ids, x_T, guidance=1.0, guide_from="null", root_level=2, steps=15, sampler="dpm++",
-         batch_size=64, seed=0, autoencoder=None, desc=None):
+def draw(diffusion, model, ids, x_T, guidance=1.0, guide_from="null", root_rank=2, steps=15, sampler="dpm++",
+         batch_size=64, seed=0, autoencoder=None, desc=None, interval=None):
     """Lineage ids (N, R), each with its starting noise x_T (N, C, h, w) -> images in [-1, 1] (N, 3, H, W).
 
-    batch_size images at a time; guidance as model.guided_eps_fn; seed: the DDPM sampler's fresh noise, the
+    batch_size images at a time; guidance (and its noise interval) as model.guided_eps_fn; seed: the DDPM sampler's fresh noise, the
     same in every batch. With an autoencoder the model draws latents, which are left unclamped (their range is
     not the pixels') and decoded.
     """
     out = []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", leave=False, disable=desc is None):
         b, noise = ids[i:i + batch_size], x_T[i:i + batch_size]  # (b, R), (b, C, h, w)
-        eps_fn = guided_eps_fn(diffusion, model, b, guidance, guide_from, root_level)
+        eps_fn = guided_eps_fn(diffusion, model, b, guidance, guide_from, root_rank, interval)
         gen = torch.Generator(x_T.device).manual_seed(seed)
         x = diffusion.sample(eps_fn, noise.shape, steps=steps, sampler=sampler, generator=gen, device=x_T.device,
                              x_T=noise, clip=None if autoencoder else 1.0)
@@ -87,3 +87,39 @@ def load_folder(folder, size=None):
     if len(sizes) > 1:
         raise ValueError(f"{folder}: images of several sizes {sorted(sizes)[:3]}; resize them to one size first")
     return torch.stack(images)
+
+
+def save_tree(images, parents, columns, labels, headers, path, gap=24):
+    """Save a tree of images in [-1, 1] (N, C, H, W) as a PNG, one column per rank, root on the left.
+
+    Node i sits in column columns[i] with parent parents[i] (-1 for the root); a leaf sits on a row of its
+    own, a parent halfway between its children's rows, and labels[i] (or '') is written right of node i.
+    """
+    N, C, H, W = images.shape
+    children = [[j for j in range(N) if parents[j] == i] for i in range(N)]
+    y, rows = [0.0] * N, 0
+
+    def place(i):  # depth first: a leaf takes the next row, a parent the middle of its children
+        nonlocal rows
+        for j in children[i]:
+            place(j)
+        y[i] = sum(y[j] for j in children[i]) / len(children[i]) if children[i] else rows
+        rows += not children[i]
+    place(parents.index(-1))
+    font = ImageFont.load_default_imagefont()
+    step_x, step_y, top = W + gap, H + 4, 14  # a column's width, a row's height, the headers' band
+    width = max(columns) * step_x + W + 7 * max(len(s) for s in labels) + 8
+    canvas = Image.new("RGB", (width, top + rows * step_y), "white")
+    pen = ImageDraw.Draw(canvas)
+    xy = [(columns[i] * step_x, top + round(y[i] * step_y)) for i in range(N)]  # each node's top-left corner
+    for c, header in enumerate(headers):
+        pen.text((c * step_x, 1), header, fill="black", font=font)
+    for i, j in enumerate(parents):  # an elbow from the parent's right edge to the child's left edge
+        if j >= 0:
+            (x0, y0), (x1, y1) = (xy[j][0] + W, xy[j][1] + H // 2), (xy[i][0], xy[i][1] + H // 2)
+            pen.line([(x0, y0), (x0 + gap // 2, y0), (x0 + gap // 2, y1), (x1, y1)], fill="gray")
+    pixels = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    for i in range(N):
+        canvas.paste(Image.fromarray(pixels[i]), xy[i])
+        pen.text((xy[i][0] + W + 3, xy[i][1] + H // 2 - 5), labels[i], fill="black", font=font)
+    canvas.save(path)

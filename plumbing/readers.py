@@ -31,14 +31,14 @@ class DataError(ValueError):
 
 
 def load_data(data="toy", size=32, per_species=64, seed=0, fmt="auto", top_rank="auto", columns="",
-              image_root="", boxes="", cache_dir=None, workers=0):
+              image_root="", boxes="", cache_dir=None, workers=0, hold_out=""):
     """(images uint8 (N, 3, size, size), lineages as names, where each was read) from any source.
 
     data="toy" renders the toy tree in memory; anything else goes through read_items() and is
     decoded once by decode_images(), cached in cache_dir.
     """
     if data in (None, "toy") or fmt == "toy":
-        images, lineages = toy_dataset(per_species, size, seed)
+        images, lineages = toy_dataset(per_species, size, seed, hold_out)
         return images, lineages, None
     items = read_items(data, fmt, top_rank, columns, image_root, boxes)
     images, kept, skipped = decode_images(items, size, cache_dir, workers)
@@ -433,7 +433,8 @@ def read_data(cfg, rank=0, world=1):
             barrier(world)
         images, lineages, wheres = load_data(
             cfg.data, cfg.image_size, cfg.per_species, cfg.seed, fmt=cfg.format, top_rank=cfg.top_rank,
-            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers)
+            columns=cfg.columns, image_root=cfg.image_root, boxes=cfg.boxes, cache_dir=cfg.out, workers=cfg.workers,
+            hold_out=cfg.hold_out)
         if rank == 0:
             barrier(world)
         tree, lineages = build_taxonomy(lineages, wheres, keep_first=cfg.conflicts == "keep-first")

@@ -48,8 +48,8 @@ from model import Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, 
 from plumbing.checkpoints import (CheckpointError, by_name, check_checkpoint, read_checkpoint, run_header,
                                   stage_flags, to_device)
 from plumbing.cli import (GUIDE_FROM, SAMPLERS, check_flag_pairs, check_run, config_parser, device_name,
-                          downsampling_factor, finite_float, flag, fraction, hold_out, input_path, nonneg_int,
-                          output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps)
+                          downsampling_factor, finite_float, flag, fraction, input_path, nonneg_int, output_path,
+                          per_species, positive_float, positive_int, positive_int_list, sampling_steps)
 from plumbing.images import draw, save_grid
 from plumbing.latent import autoencoder_stage, encode_dataset, held_out_split
 from plumbing.randomness import stage_batches, step_randomness
@@ -102,7 +102,7 @@ class TrainConfig:
     data: str = flag("toy", "'toy', a folder tree, a .csv/.tsv table or an iNaturalist .json (docs/data.md)")
     image_size: int = flag(32, "images are resized to image_size x image_size", positive_int)
     per_species: str = flag("64", "toy images per species, or a long tail: pairs:64/4, zipf:64", per_species)
-    hold_out: str = flag("", "toy species left out: names, or one-per-genus:N (by --seed); /K keeps K images", hold_out)
+    hold_out: str = flag("", "toy species left out: names, or one-per-genus:N (by --seed); /K keeps K images")
     format: str = flag("auto", "reader of --data; auto = from what the path is", FORMATS)
     top_rank: str = flag("auto", "folder trees: the rank of the top folders", ("auto",) + RANKS)
     columns: str = flag("", "tables: our=their column names, e.g. 'image=file,species=scientific_name'")
@@ -431,7 +431,8 @@ def load_extension(cfg, rank=0, world=1):
     if cfg.extend_steps and not any(added[:finest + 1]):
         raise SystemExit(f"error: {cfg.data} adds nothing to {cfg.extend}: it knows every name down to {old['level']}")
     if rank == 0:
-        print(f"{cfg.data} adds {', '.join(f'{n} {RANKS[r]}' for r, n in enumerate(added) if n)} to {cfg.extend}")
+        print(f"{cfg.data}: {len(images)} images, new to {cfg.extend}: "
+              + ", ".join(f"{n} {RANKS[r]}" for r, n in enumerate(added) if n))
     keep = [i % len(images) for i in range(max(len(images), cfg.batch_size))]  # a few pictures fill a batch
     dataset = TaxonDataset(images[keep], [lineages[i] for i in keep], taxonomy, flip=False)
     stages = [(finest, cfg.extend_steps, round(cfg.cooldown * cfg.extend_steps))]

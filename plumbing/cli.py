@@ -98,15 +98,6 @@ def per_species(text):
     return text
 
 
-def hold_out(text):
-    """--hold-out: toy species a run leaves out (taxonomy.held_out says how to write them)."""
-    try:
-        held_out(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--hold-out: ")) from None
-    return text
-
-
 def positive_int_list(text):
     """Comma-separated positive integers such as '200,200,600', kept as the text (train.py stores it so)."""
     try:
@@ -213,6 +204,10 @@ def check_flag_pairs(cfg, error):
         error(f"argument --level: must not be coarser than --first-level {cfg.first_level} (got {cfg.level})")
     if cfg.hold_out and cfg.data != "toy":
         error(f"argument --hold-out: leaves species of the toy tree out, and --data is {cfg.data}")
+    try:
+        held_out(cfg.hold_out)
+    except ValueError as e:
+        error(f"argument {e}")
     if cfg.p_uncond + cfg.p_cut > 1:
         error(f"argument --p-cut: must be at most {1 - cfg.p_uncond:g} beside --p-uncond {cfg.p_uncond:g}, "
               f"as both are shares of one random draw (got {cfg.p_cut:g})")

@@ -1,46 +1,25 @@
 """
 Evaluation: FID and KID on Inception pool3 features, and per-rank accuracy of generated species.
 
-    python fid.py out/species.pt                      # generate every species, print one table (toy tree)
-    python fid.py --ckpt out/species.pt --guidance 1 3 --n-per-taxon 20
+    python fid.py out/species.pt                      # every species of the checkpoint, one table (toy tree)
+    python fid.py out/species.pt --guidance 1 3 --n-per-taxon 20 --guidance-interval 0.28,5.42
+    python fid.py out/mine/species.pt --real my_images/   # your own data: FID against a folder, and accuracy
     python fid.py real_images/ generated_images/      # FID and KID between two folders
     python fid.py real_images/ --save-stats real.npz  # mu and sigma, interchangeable with pytorch-fid's .npz
-    python fid.py real.npz generated_images/          # FID against saved statistics
 
-FID (Heusel et al. 2017) fits a Gaussian to the 2048-d pool3 features of each
-set of images and measures the Frechet distance between the two Gaussians:
+FID (Heusel et al. 2017) fits a Gaussian to the 2048-d pool3 features of each set of images and measures the
+Frechet distance between the two, FID = |mu_1 - mu_2|^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)).
+KID (Binkowski et al. 2018) is the unbiased squared MMD with the kernel k(x, y) = (x.y / d + 1)^3, averaged over
+random subsets: no bias in the number of images. Both follow the reference implementations exactly: the
+TensorFlow FID Inception (plumbing/inception.py) with the reference's resize (--mode), float64 statistics with
+the unbiased covariance, and the trace from eigenvalues as torchmetrics does (pytorch-fid's sqrtm beside it).
 
-    FID = |mu_1 - mu_2|^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2))
-
-KID (Binkowski et al. 2018) is the unbiased squared MMD between the two sets
-of features with the kernel k(x, y) = (x.y / d + 1)^3, averaged over random
-subsets; unlike FID it has no bias in the number of images.
-
-Both depend on details that are easy to get wrong, so everything here follows
-the reference implementations exactly:
-- the network is the TensorFlow "FID Inception" of 2015-12-05, not
-  torchvision's ImageNet Inception: BatchNorm eps 1e-3, average pools that
-  do not count the padding, and a max pool in the last block (Mixed_7c);
-- the images are resized to 299 x 299 as the reference you compare against
-  does (--mode, see `preprocess`; a saved .npz records it, and a run with
-  another --mode refuses it);
-- statistics are computed in float64 with the unbiased covariance (n - 1);
-- the trace of (Sigma_1 Sigma_2)^(1/2) comes from eigenvalues, as in
-  torchmetrics, with pytorch-fid's scipy sqrtm beside it as the reference.
-
-The taxonomic accuracy is our stand-in for the paper's BioCLIP score: a
-small CNN with one head per rank, trained on many real toy tree images,
-says which class, order, family, genus and species it sees in a generated
-image, and we count how often that matches the lineage the image was
-conditioned on. Its penultimate features also give a "classifier Frechet
-distance", a FID-like number in a feature space that knows the toy traits
-(it is not FID and is never called that). On a long-tailed toy tree
-(train.py --per-species pairs:64/4 or zipf:64) the species accuracy of the
-rare and of the common species is printed apart: the paper's claim 2.
-
-A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt
-beside it, and its table has one more row: the second real set encoded and
-decoded (with its PSNR), the best that model could draw.
+The taxonomic accuracy is our stand-in for the paper's BioCLIP score: a small CNN with one head per rank says
+which taxa it sees in a generated image, and we count how often they match the lineage the image was drawn
+for. On the toy tree it learns from many rendered toy images; on other data, from the checkpoint's own
+training images, with a held-out split as its ceiling. Its features also give a "classifier Frechet distance"
+(not FID). On a long-tailed toy tree the rare and common species are scored apart (the paper's claim 2). A
+latent checkpoint's table has one more row: real images through its autoencoder, the best it could draw.
 
 Read next: tests/ (docs/testing.md says what each file checks), or docs/ for the measured record.
 """

@@ -48,8 +48,8 @@ from model import Diffusion, DiffusionConfig, TaxaDiffusion, condition_dropout, 
 from plumbing.checkpoints import (CheckpointError, by_name, check_checkpoint, read_checkpoint, run_header,
                                   stage_flags, to_device)
 from plumbing.cli import (GUIDE_FROM, SAMPLERS, check_flag_pairs, check_run, config_parser, device_name,
-                          downsampling_factor, finite_float, flag, fraction, input_path, nonneg_int, output_path,
-                          per_species, positive_float, positive_int, positive_int_list, sampling_steps)
+                          downsampling_factor, finite_float, flag, fraction, input_path, nonneg_int, noise_interval,
+                          output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps)
 from plumbing.images import draw, save_grid
 from plumbing.latent import autoencoder_stage, encode_dataset, held_out_split
 from plumbing.randomness import stage_batches, step_randomness
@@ -124,6 +124,7 @@ class TrainConfig:
     grid_cols: int = flag(8, "samples per row of the grids", positive_int)
     grid_steps: int = flag(15, "sampling steps of the grids", sampling_steps)
     grid_sampler: str = flag("dpm++", "sampler of the grids, as sample.py's --sampler", SAMPLERS)
+    grid_interval: tuple = flag(None, "guide the grids only where sigma_t is in LO,HI (sample.py)", noise_interval)
     amp: bool = flag(False, "bf16 autocast, CUDA only (a CPU without bf16 hardware runs it many times slower)")
     compile: bool = flag(False, "torch.compile the network (pays off on GPUs, not on 2 CPU cores)")
     attention: str = flag("auto", "auto (SDPA), triton (unet.py's kernel), sdpa or torch", ATTENTION)
@@ -233,7 +234,7 @@ def finish_stage(cfg, stage, diffusion, taxonomy, root_rank, train_time, log):
     rows = torch.tensor([taxonomy.ancestors(stage.finest, i) for i in taxa], device=cfg.device)  # (taxa, R)
     images = draw(diffusion, stage.ema.eval(), rows.repeat_interleave(cfg.grid_cols, 0), x_T.repeat(len(taxa), 1, 1, 1),
                   cfg.guidance, cfg.guide_from, root_rank, cfg.grid_steps, cfg.grid_sampler, seed=cfg.seed,
-                  autoencoder=stage.autoencoder)  # decoded on latents
+                  autoencoder=stage.autoencoder, interval=cfg.grid_interval)  # decoded on latents
     save_grid(images, os.path.join(cfg.out, f"{name}.png"), cfg.grid_cols,
               labels=[taxonomy.vocab[stage.finest][i] for i in taxa])
     os.replace(stage.last_path, stage.path)  # what sample.py and the next stage read

@@ -205,7 +205,7 @@ def run_header(cfg, taxonomy, plan, autoencoder=None):
 # Flags a stage may change when it resumes or is reused: where it runs, how often it saves, its grids and the
 # arithmetic (--amp, --compile, --attention). Any other flag changes what the stage computes, so it must match.
 FREE_ON_RESUME = ("level", "device", "out", "workers", "save_every", "amp", "compile", "attention",
-                  "guidance", "guide_from", "grid_cols", "grid_steps", "grid_sampler")
+                  "guidance", "guide_from", "grid_cols", "grid_steps", "grid_sampler", "grid_interval")
 LATENT_FLAGS = ("latent", "latent_f", "latent_channels", "ae_steps", "ae_batch_size", "ae_crop", "ae_lr",
                 "ae_edge_loss")
 EXTEND_FLAGS = ("extend", "extend_steps", "extend_trains")

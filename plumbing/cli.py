@@ -133,6 +133,19 @@ def fraction(text):
     return _number(text, lambda x: 0 <= x <= 1, "a number from 0 to 1")
 
 
+def noise_interval(text):
+    """'LO,HI': the noise levels sigma in [LO, HI] where guidance applies (model.guided_eps_fn); '' = every step."""
+    if text in ("", None):
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+        if not 0 <= lo <= hi:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LO,HI with 0 <= LO <= HI, e.g. 0.28,5.42 (got '{text}')") from None
+    return lo, hi
+
+
 def input_path(text):
     """A file or folder that exists; '' is the flag left unset."""
     if text and not os.path.exists(text):
@@ -248,6 +261,8 @@ def add_sampling_flags(p, guidance_help="guidance scale s; 1 = no guidance", nar
                    help=guidance_help)
     p.add_argument("--guide-from", choices=GUIDE_FROM, default="null",
                    help="negative branch: null = vanilla CFG, parent = one rank up, root = first stage (TaxaGuide)")
+    p.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LO,HI",
+                   help="guide only where the noise level sigma_t is in [LO, HI] (default: every step)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the noise: a seed gives the same pictures")
     p.add_argument("--ckpt", type=input_path, default=None, help="default: the finest stage checkpoint in out/")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",

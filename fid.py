@@ -193,7 +193,8 @@ def load_statistics(path, mode=None):
 # tree it learns from freshly rendered toy images (a seed the diffusion model never saw); on other data, from
 # the checkpoint's own training images, minus a held-out split (the classifier's ceiling). Cached in out/.
 
-EVAL_RANKS = tuple(range(2, len(RANKS)))  # the toy tree's: class .. species (kingdom and phylum follow from class)
+EVAL_RANKS = RANKS[2:]  # the toy tree's: class .. species (kingdom is one, and phylum follows from class)
+TOY_RANKS = tuple(RANKS.index(r) for r in EVAL_RANKS)  # as indices
 CLASSIFIER_SEED = 1000  # toy images the classifier learns from; also its weights' and batches' seed
 REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
 
@@ -201,7 +202,7 @@ REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-o
 class TaxonClassifier(nn.Module):
     """Images in [-1, 1], (B, 3, H, W) -> (features (B, 256), logits per rank [(B, V_r) for r in ranks])."""
 
-    def __init__(self, vocab_sizes, ranks=EVAL_RANKS, width=32):
+    def __init__(self, vocab_sizes, ranks=TOY_RANKS, width=32):
         super().__init__()
 
         def block(cin, cout):  # a 3x3 conv, then halve the resolution
@@ -216,7 +217,7 @@ class TaxonClassifier(nn.Module):
         return f, [head(f) for head in self.heads]
 
 
-def rank_targets(taxonomy, lineages, ranks=EVAL_RANKS):
+def rank_targets(taxonomy, lineages, ranks=TOY_RANKS):
     """Lineages (names) -> ids (N, len(ranks)) in `taxonomy`'s vocabulary, 0 where it does not know a name."""
     return torch.tensor([[taxonomy.index[r].get(normalize(lin[r] or ""), 0) for r in ranks] for lin in lineages])
 
@@ -300,7 +301,7 @@ def cached_classifier(path, key, lineages, ranks, train, min_steps=0, log=print)
 def load_classifier(image_size=32, path="out/taxon_classifier.pt", log=print):
     """The toy tree's classifier for this image size, trained (under a minute on CPU) on 100 toy images a species."""
     images, lineages = toy_dataset(100, image_size, CLASSIFIER_SEED)
-    return cached_classifier(path, f"toy {image_size} px, seed {CLASSIFIER_SEED}", lineages, EVAL_RANKS,
+    return cached_classifier(path, f"toy {image_size} px, seed {CLASSIFIER_SEED}", lineages, TOY_RANKS,
                              lambda taxonomy: (images, rank_targets(taxonomy, lineages)), log=log)
 
 
@@ -408,7 +409,7 @@ def toy_reference(args, net, size, n, autoencoder):
         cf, pred = classify(clf, images)
         rows.append((name, len(images), feats, (pred == rank_targets(clf_tax, lineages)).float().mean(0), cf))
     return dict(rows=rows, real_f=real_f, real_cf=classify(clf, real_set)[0], clf=clf, clf_tax=clf_tax,
-                ranks=EVAL_RANKS)
+                ranks=TOY_RANKS)
 
 
 def real_reference(args, net, size, ckpt):
@@ -430,7 +431,7 @@ def real_reference(args, net, size, ckpt):
     return {**ref, "real_f": inception_features(net, real, args.mode, args.batch_size, args.device)}
 
 
-def print_table(rows, real_f, real_cf, real_stats=None, ranks=tuple(RANKS[r] for r in EVAL_RANKS)):
+def print_table(rows, real_f, real_cf, real_stats=None, ranks=EVAL_RANKS):
     """One markdown table: a row (name, n, Inception features, accuracies at `ranks`, classifier features)
     against the real images' features real_f (FID and KID), or their saved (mu, sigma) real_stats (FID only)."""
     head = ["images", "n", "FID", "KID x1e3"] + list(ranks) + ["classifier FD"]

@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 
 import fid  # noqa: E402
 import train  # noqa: E402
-from plumbing.latent import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, load_autoencoder  # noqa: E402
+from plumbing.images import psnr  # noqa: E402
+from plumbing.latent import AUTOENCODER_FLAGS, autoencoder_config, autoencoder_stage, load_autoencoder, reconstruct  # noqa: E402
 from plumbing.signals import catch_stop_signals  # noqa: E402
 from plumbing.cli import device_name, downsampling_factor, nonneg_int, output_path, positive_float, positive_int, script_parser  # noqa: E402
 from taxonomy import toy_dataset  # noqa: E402
@@ -50,12 +51,12 @@ def score(ae_path, size, n_per_species, clf_path, device):
     """PSNR, accuracy per rank and sharpness of the autoencoder's reconstructions of unseen toy images."""
     ae, ckpt = load_autoencoder(ae_path, device)
     images, lineages = toy_dataset(n_per_species, size, fid.REAL_SEED)
-    rec = fid.reconstruct(ae, images, device)
+    rec = reconstruct(ae, images, device)
     clf, clf_tax = fid.load_classifier(size, clf_path)
     _, pred = fid.classify(clf, rec)
     _, pred_real = fid.classify(clf, images)
     target = fid.rank_targets(clf_tax, lineages)
-    return {"psnr": fid.psnr(images, rec), "held_out_psnr": ckpt["psnr"],
+    return {"psnr": psnr(images, rec), "held_out_psnr": ckpt["psnr"],
             "accuracy": dict(zip(fid.EVAL_RANKS, (pred == target).float().mean(0).tolist())),
             "accuracy_originals": dict(zip(fid.EVAL_RANKS, (pred_real == target).float().mean(0).tolist())),
             "edge_error": edge_error(images, rec), "images": len(images)}

@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig  # noqa: E402
 from plumbing.checkpoints import load_checkpoint  # noqa: E402
+from plumbing.images import draw, to_uint8  # noqa: E402
 from plumbing.cli import device_name, finite_float, fraction, nonneg_int, output_path, per_species, positive_int, positive_int_list, script_parser  # noqa: E402
 from taxonomy import RANKS, Taxonomy, species_counts, toy_dataset  # noqa: E402
 from unet import SIZES  # noqa: E402
@@ -122,8 +123,10 @@ def score_cell(args, folder, real, net, clf, clf_tax, guidance=None, negatives=N
     negatives = negatives or (["null"] if ckpt["train_config"]["schedule"] == "flat" else NEGATIVES)
     scores = {}
     for neg in negatives:
-        images = fid.generate(model, diffusion, ids, guidance, neg, root_level, args.sample_steps, 64,
-                              args.seed_sampling, args.device)
+        x_T = torch.randn((len(ids), model.unet.cfg.in_channels, *(2 * [model.unet.cfg.image_size])),
+                          generator=torch.Generator(args.device).manual_seed(args.seed_sampling), device=args.device)
+        images = to_uint8(draw(diffusion, model, ids.to(args.device), x_T, guidance, neg, root_level,
+                               args.sample_steps, "ddim", 64, args.seed_sampling)).cpu()
         cf, pred = fid.classify(clf, images)
         feats = fid.inception_features(net, images, "torchmetrics", 50, args.device) if net else None
         acc = (pred == target).float().mean(0)

@@ -4,7 +4,7 @@ How many steps does each sampler need? Species accuracy and FID against the numb
     python tests/benchmarks/samplers.py          # out/species.pt, guidance 3, 480 images a cell: ~40 min, 2 CPU cores
     python tests/benchmarks/samplers.py --steps 5 10 --n-per-species 1     # a first look in a few minutes
 
-Every species of the checkpoint is drawn --n-per-species times (fid.generate, one generator seeded with --seed)
+Every species of the checkpoint is drawn --n-per-species times (plumbing.images.draw, the noise seeded with --seed)
 for each sampler (DDIM; DPM-Solver++(2M), model.py's `dpm_solver`) and each number of steps, guided as sample.py
 does by default (null negative: classifier-free guidance). A step is one network call per guidance branch for
 both samplers, so a column compares equal work. fid.py scores the images: accuracy of the taxon classifier at the
@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import fid  # noqa: E402
 from model import Diffusion, DiffusionConfig  # noqa: E402
 from plumbing.checkpoints import load_checkpoint  # noqa: E402
+from plumbing.images import draw, to_uint8  # noqa: E402
 from plumbing.cli import device_name, finite_float, input_path, nonneg_int, output_path, positive_int, script_parser  # noqa: E402
 from taxonomy import RANKS, Taxonomy, toy_dataset  # noqa: E402
 
@@ -113,8 +114,10 @@ def main(args):
 
     for sampler, steps in todo:
         t0 = time.time()
-        images = fid.generate(model, diffusion, ids, args.guidance, "null", root_level, steps, 64, args.seed,
-                              args.device, sampler)
+        x_T = torch.randn((len(ids), model.unet.cfg.in_channels, size, size),
+                          generator=torch.Generator(args.device).manual_seed(args.seed), device=args.device)
+        images = to_uint8(draw(diffusion, model, ids.to(args.device), x_T, args.guidance, "null", root_level, steps,
+                               sampler, 64, args.seed)).cpu()
         seconds = time.time() - t0  # the sampling alone
         _, pred = fid.classify(clf, images)
         accuracy = (pred[:, fid.EVAL_RANKS.index(ckpt["level"])] == target).float().mean().item()

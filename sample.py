@@ -5,6 +5,8 @@ Generate images for a (partial) lineage with a trained TaxaDiffusion checkpoint.
     python sample.py --lineage "Corvus corax" --guide-from parent
     python sample.py --lineage "Parus major" --refine           # one row per rank, class -> species
     python sample.py --list                                     # the taxonomy the checkpoint knows
+    python sample.py --tree                                     # every node of it, drawn -> out/tree.png
+    python sample.py --lineage "Corvus corax" --guidance-interval 0.28,5.42   # guided only at middle noise
     python sample.py --lineage "Aves/Passeriformes/Corvidae/Corvus/Corvus novus"   # a new species: its genus
 
 Names may start at any rank and are matched ignoring case ('_' reads as a

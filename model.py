@@ -202,7 +202,7 @@ class Diffusion(nn.Module):
         """Draw x_0 from noise with `steps` calls of eps_fn(x_t, t) -> eps, whatever the sampler.
 
         sampler: "ddim" (deterministic), "ddpm" (ancestral: fresh noise at every step), both in `ddim`; or "dpm++"
-        (DPM-Solver++(2M), a second-order ODE solver, in `dpm_solver`: on the Gaussian of tests/test_samplers.py its
+        (DPM-Solver++(2M), a second-order ODE solver, in `dpm_solver`: on the Gaussian of tests/test_model.py its
         10 steps land 5 times closer to the truth than 10 DDIM steps; tests/benchmarks/samplers.py measures a real
         model).
         Guidance lives in eps_fn (see guided_eps_fn), so one step is one network call per guidance branch.
@@ -250,7 +250,7 @@ class Diffusion(nn.Module):
         """
         # Timesteps evenly spaced in lambda ("logSNR"), which the DPM-Solver authors find best for low-resolution
         # images such as CIFAR-10 (even spacing in t for high resolution; README of github.com/LuChengTHU/dpm-solver).
-        # Ours are 32x32; on the Gaussian of tests/test_samplers.py it beats even spacing in t, too.
+        # Ours are 32x32; on the Gaussian of tests/test_model.py it beats even spacing in t, too.
         ts = self.timesteps(steps, "logsnr")
         alpha, sigma = self.alpha_bar[ts].sqrt(), (1 - self.alpha_bar[ts]).sqrt()  # (steps,)
         lam = torch.log(alpha / sigma)  # (steps,) lambda_{t_i}, rising as the noise falls

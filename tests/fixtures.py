@@ -1,7 +1,7 @@
 """
 Small datasets in each format taxonomy.py reads, drawn from the toy tree of life.
 
-Used by tests/test_data.py and tests/benchmarks/loader.py. Each maker writes into a
+Used by tests/test_readers.py and tests/benchmarks/loader.py. Each maker writes into a
 folder and returns what --data (and the other flags) should point at. By default a
 dataset holds every 4th toy species: 12 species in 6 orders of 3 classes.
 """

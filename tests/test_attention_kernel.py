@@ -13,8 +13,9 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytest.importorskip("triton")
+from conftest import ROOT
+
+pytest.importorskip("triton")  # installed with torch on x86_64 Linux (requirements.txt), as in CI
 
 # (B*H, N, M, d): several blocks and partial blocks, few keys, one key, odd head dims, and the
 # default UNet's own shapes (self-attention at 8x8: N = M = 64, d = 32; cross-attention: M = 8 tokens).

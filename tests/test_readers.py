@@ -1,20 +1,22 @@
-"""Dataset readers on small fixtures made in tmp_path (see tests/fixtures.py): formats, bad input, cache, training."""
+"""plumbing/readers.py on small fixtures made in tmp_path (tests/fixtures.py): each format, bad input in one line,
+the cache of decoded images, and two stages trained from each format."""
 import csv
 import os
 import subprocess
 import sys
 import unicodedata
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import taxonomy
 import train
+from conftest import TINY, argv
 from fixtures import (add_broken, make_bioscan, make_fishnet, make_folder_tree, make_inat_json, inat_folder_name,
                       save, species, toy_image)
-from plumbing.cli import check_run
+from plumbing import readers
 from plumbing.readers import DataError, build_taxonomy, load_data, read_items
 from taxonomy import RANKS, TaxonDataset
 
@@ -222,7 +224,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch, capsys):
 
     def no_decoding(*args):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(taxonomy, "load_image", no_decoding)
+    monkeypatch.setattr(readers, "load_image", no_decoding)
     again, lineages2, _ = load_data(str(root), size=8, cache_dir=out)
     assert "cached" in capsys.readouterr().out
     assert np.array_equal(first, again) and lineages == lineages2
@@ -264,7 +266,7 @@ def test_a_decode_that_was_interrupted_leaves_no_temporary_behind(tmp_path):
     live = folder / f"images-8px-0123456789abcdef.{os.getpid()}.tmp.npy"  # a decode in progress
     stale.write_bytes(b"half")
     live.write_bytes(b"half")
-    taxonomy.remove_stale_temporaries(folder, 8)
+    readers.remove_stale_temporaries(folder, 8)
     assert not stale.exists() and live.exists()
 
 
@@ -276,8 +278,8 @@ def test_with_several_processes_process_0_decodes_and_the_others_read_its_cache(
                             batch_size=4)
     events = []
     monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
-    decode = taxonomy.load_image
-    monkeypatch.setattr(taxonomy, "load_image", lambda *a: events.append("decode") or decode(*a))
+    decode = readers.load_image
+    monkeypatch.setattr(readers, "load_image", lambda *a: events.append("decode") or decode(*a))
     train.load_dataset(cfg, rank=0, world=2)
     assert events[-1] == "barrier" and events.count("barrier") == 1 and events.count("decode") > 1
     events.clear()
@@ -291,8 +293,7 @@ def test_with_several_processes_process_0_decodes_and_the_others_read_its_cache(
 # -----------------------------------------------------------------------------
 # Two stages train end to end from each format
 
-TINY = ["--level", "order", "--size", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4",
-        "--grid-cols", "1", "--grid-steps", "1", "--device", "cpu", "--workers", "0"]
+FORMAT_ARGV = argv(replace(TINY, level="order", steps=2, batch_size=4, grid_cols=1, grid_steps=1, workers=0))
 
 
 def fixture_args(fmt, root):
@@ -312,7 +313,7 @@ def fixture_args(fmt, root):
 @pytest.mark.parametrize("fmt", ["folder", "fishnet", "bioscan", "inat-json"])
 def test_two_stages_train_from_each_format(tmp_path, fmt, capsys, one_thread):
     out = tmp_path / "out"
-    train.main(train.parse_args(TINY + ["--out", str(out)] + fixture_args(fmt, tmp_path / "data")))
+    train.main(train.parse_args(FORMAT_ARGV + ["--out", str(out)] + fixture_args(fmt, tmp_path / "data")))
     log = capsys.readouterr().out
     assert ("data: 24 images, 12 species; schedule progressive: class (2 steps) -> order (2 steps, the last 1 cooling "
             "down)") in log
@@ -320,29 +321,6 @@ def test_two_stages_train_from_each_format(tmp_path, fmt, capsys, one_thread):
         ckpt = torch.load(out / f"{level}.pt", weights_only=True)
         assert ckpt["train_config"]["data"].startswith(str(tmp_path)) and len(ckpt["lineages"]) == 12
     assert ("skipped 2 of 26 images" in log) == (fmt == "folder")
-
-
-def test_fewer_images_than_a_batch_is_an_error(tmp_path):
-    args = ["--data", str(make_inat_json(tmp_path, per_species=1)), "--out", str(tmp_path / "out"), "--workers", "0"]
-    with pytest.raises(SystemExit, match="has 12 images, fewer than --batch-size 32"):
-        train.main(train.parse_args(args))  # and not an endless wait for a first batch
-
-
-def test_fewer_images_than_an_autoencoder_batch_is_an_error(tmp_path):
-    # 36 images, 2 held out: 34 to train the autoencoder on, fewer than its batch of 40
-    args = ["--data", str(make_inat_json(tmp_path, per_species=3)), "--out", str(tmp_path / "out"), "--workers", "0",
-            "--latent", "--batch-size", "8", "--ae-batch-size", "40"]
-    with pytest.raises(SystemExit, match=r"has 34 images for the autoencoder to train on \(5 % are held out\), "
-                                         r"fewer than --ae-batch-size 40$"):
-        train.main(train.parse_args(args))  # and not a ZeroDivisionError in the autoencoder's batches
-    assert not (tmp_path / "out" / "autoencoder.last.pt").exists()
-
-
-def test_an_autoencoder_batch_that_does_not_split_over_processes_is_an_error(tmp_path):
-    cfg = train.parse_args(["--latent", "--ae-batch-size", "16", "--batch-size", "30", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="^error: --ae-batch-size 16 does not split evenly over 3 processes$"):
-        check_run(cfg, world=3)
-    check_run(cfg, world=2)  # 16 = 2 x 8
 
 
 def test_bad_data_ends_train_py_in_one_line(tmp_path):
@@ -354,3 +332,10 @@ def test_bad_data_ends_train_py_in_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: bad.csv: missing")
     assert (tmp_path / "out" / "class.pt").read_bytes() == b"earlier work"  # nothing already written is lost
+
+
+def test_missing_data_is_one_line(tmp_path):
+    """--data is read at run time: a missing one ends before any training, in one line."""
+    with pytest.raises(SystemExit) as exit:
+        train.main(replace(TINY, data="/nonexistent/taxa/data", out=str(tmp_path)))
+    assert str(exit.value) == "error: --data /nonexistent/taxa/data: no such file or folder"

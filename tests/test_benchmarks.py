@@ -1,4 +1,5 @@
-"""The paper-claims grid's bookkeeping: which cells it runs, in what order, and the mean ± std table it writes."""
+"""tests/benchmarks/paper_claims.py's bookkeeping: which cells the grid runs, in what order, and the mean ± std
+tables it writes (the benchmark itself measures; this checks its arithmetic)."""
 import json
 import os
 import sys

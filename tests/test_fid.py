@@ -301,7 +301,8 @@ def test_long_tailed_checkpoint_reports_rare_and_common_species(tmp_path, monkey
                              "3", "--device", "cpu"]))
     out = capsys.readouterr().out
     assert "rare species (4 training images each; 48 images drawn) and of the common ones (64; 48 drawn)" in out
-    assert "  no guidance: rare 100.0%, common 0.0%" in out and "  guidance 3 (null): rare 100.0%, common 0.0%" in out
+    assert "  no guidance, 2 calls/image: rare 100.0%, common 0.0%" in out  # 2 steps, one branch
+    assert "  guidance 3 (null), 4 calls/image: rare 100.0%, common 0.0%" in out  # and the negative branch
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| no guidance")]
     assert rows[0][8] == "50.0%"  # the species column: both halves together
 
@@ -324,8 +325,8 @@ def test_evaluate_checkpoint_prints_one_table(tmp_path, monkeypatch, capsys):
     assert "2 dpm++ steps" in out and set(samplers) == {("dpm++", 1.0)}  # pixels: clamped to [-1, 1]
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| images | n | FID | KID x1e3 | class | order | family | genus | species")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| real toy images (a 2nd set)", "| no guidance",
-                                                     "| guidance 2 (null)"]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| real toy images (a 2nd set)", "| no guidance, 2 calls/image",
+                                                     "| guidance 2 (null), 4 calls/image"]
     assert rows[2].split(" | ")[1] == "12"  # 6 orders x 2
     assert rows[2].split(" | ")[6:9] == ["-", "-", "-"]  # family, genus, species: finer than the checkpoint
     assert "note: 12 images per row against 96 real ones;" in out  # an order checkpoint, 2 real per species

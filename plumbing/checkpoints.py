@@ -36,7 +36,7 @@ def atomic_write(path, data):
     in place; the rename is atomic, and the folder's fsync makes the rename itself durable. If the write
     fails (a full disk), the temporary file is removed and the old file stays as it was.
     """
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.tmp"  # one name: a run killed while writing leaves it, and the next write replaces it
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -17,7 +17,7 @@ import fid
 import sample
 import train
 from conftest import ROOT, run_script
-from plumbing.cli import (config_parser, device_name, downsampling_factor, finite_float, fraction, image_path,
+from plumbing.cli import (config_parser, device_name, downsampling_factor, finite_float, fraction, image_path, noise_interval,
                           input_path, nonneg_int, output_path, per_species, positive_float, positive_int,
                           positive_int_list, sampling_steps)
 
@@ -57,6 +57,7 @@ BAD = {  # bad values of each kind: zero, negatives, huge, nan, inf, empty, the 
     sampling_steps: ["0", "-4", "1001", HUGE, "nan", "", "1.5", "abc"],  # at most T = 1000
     device_name: ["", "gpu", "cuda:99", "cpu:x"],
     downsampling_factor: ["", "0", "3", "16", "4.0", "abc"],
+    noise_interval: ["5,1", "-1,2", "1", "a,b", "nan,1", "1,2,3"],  # '' is every step
     "choices": ["", "nope"],
 }
 GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; --seed 0)
@@ -65,9 +66,10 @@ GOOD = {  # values each kind must take (train.py --steps 0: use --stage-steps; -
     input_path: ["", ROOT],
     output_path: ["fresh/sub/folder"], device_name: ["cpu"], downsampling_factor: ["2", "8"],
     image_path: ["fresh/sub/a.png", "b.JPG"], sampling_steps: ["1", "15", "1000"],
+    noise_interval: ["", "0.28,5.42", "0,inf"],
 }
 # read at run time (a missing --data: test_readers.py), or checked with the flags that fail together (--hold-out)
-FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child", "--hold-out"}
+FREE_TEXT = {"--data", "--columns", "--lineage", "--rss-child", "--hold-out", "--tree"}  # --tree: a lineage
 
 
 def kind(action):

@@ -339,7 +339,8 @@ def evaluate_checkpoint(args):
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     taxonomy = Taxonomy(ckpt["lineages"])
     finest, root_rank = RANKS.index(ckpt["level"]), RANKS.index(ckpt["stages"][0])
-    toy = ckpt["train_config"]["data"] == "toy"
+    toy_lineages = {tuple(lineage) for lineage, _ in toy_species()}  # an extended toy model is scored as one too
+    toy = ckpt["train_config"]["data"] == "toy" or {tuple(lin) for lin in ckpt["lineages"]} <= toy_lineages
     if not toy and args.real is None:
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
     if toy and args.real is not None:

@@ -2,6 +2,7 @@
 flags that only fail together, the checks before any training, and the sampling flags sample.py and fid.py
 share. Every flag of every script given bad values: test_cli_fuzz.py."""
 import argparse
+import math
 import re
 from dataclasses import replace
 
@@ -11,8 +12,9 @@ import torch
 import fid
 import sample
 import train
-from conftest import TINY
-from plumbing.cli import check_run, per_species, positive_int, positive_int_list, sampling_steps, size_multiple
+from conftest import TINY, run_script
+from plumbing.cli import (check_run, noise_interval, per_species, positive_int, positive_int_list, sampling_steps,
+                          size_multiple)
 from unet import SIZES, UNet, UNetConfig
 
 
@@ -86,3 +88,16 @@ def test_an_autoencoder_batch_that_does_not_split_over_processes_is_an_error(tmp
     check_run(cfg, world=2)  # 16 = 2 x 8
 
 
+# -----------------------------------------------------------------------------
+# --guidance-interval's values
+
+
+@pytest.mark.parametrize("text, value", [("0.28,5.42", (0.28, 5.42)), ("0,inf", (0.0, math.inf)), ("", None)])
+def test_interval_flag_values(text, value):
+    assert noise_interval(text) == value
+
+
+@pytest.mark.parametrize("text", ["5,1", "-1,2", "1", "a,b", "1,2,3"])
+def test_interval_flag_refuses_bad_values_in_one_line(text):
+    proc = run_script("sample.py", "--guidance-interval", text)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--guidance-interval" in proc.stderr

@@ -10,6 +10,7 @@ from PIL import Image
 
 import fid
 import train
+from fixtures import make_folder_tree
 from conftest import inception_stand_in, needs_fid_weights, run_script, toy_checkpoint
 from model import Diffusion
 from plumbing.inception import inception_features, load_inception
@@ -374,3 +375,51 @@ def test_a_latent_checkpoint_is_sampled_unclamped_and_decoded(tmp_path, monkeypa
                              "--device", "cpu"]))
     assert clips == [None] and shapes == [(3, 4, 8, 8)]  # 3 classes: latents of 4 x 8 x 8, unclamped
     assert "the 2nd set through the autoencoder (PSNR" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# The taxon classifier of data other than the toy tree
+
+
+@pytest.fixture
+def folder_checkpoint(tmp_path):
+    """A checkpoint whose train_config reads a folder tree of 12 toy species (2 images each, 16 px)."""
+    data = make_folder_tree(tmp_path / "data", per_species=2)
+    path, _ = toy_checkpoint(str(tmp_path), level="species", data=str(data))
+    return path, data
+
+
+def test_the_classifier_of_a_folder_tree_is_rebuilt_when_its_images_change(folder_checkpoint, monkeypatch):
+    path, data = folder_checkpoint
+    trained = []
+    real_train = fid.train_classifier
+    monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: trained.append(len(a[0])) or
+                        real_train(*a, **{**k, "min_steps": 1, "epochs": 1}))
+    ckpt = torch.load(path, weights_only=True)
+    clf_path = os.path.join(os.path.dirname(path), "taxon_classifier.pt")
+    _, ranks, held, held_y = fid.data_classifier(ckpt, clf_path)
+    assert trained == [22] and len(held) == 2  # trained on all but the 2 held-out images
+    assert ranks == [2, 3, 4, 5, 6] and held_y.shape == (2, 5) and held_y.gt(0).all()  # in the checkpoint's ids
+    fid.data_classifier(ckpt, clf_path)
+    assert len(trained) == 1  # the same images: the cached classifier
+    first = next(data.rglob("*.png"))
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(first)  # one training image changes
+    fid.data_classifier(ckpt, clf_path)
+    assert len(trained) == 2
+
+
+def test_fid_on_a_folder_tree_checkpoint_prints_per_rank_accuracy_beside_the_ceiling(folder_checkpoint, monkeypatch,
+                                                                                    capsys):
+    path, data = folder_checkpoint
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: inception_stand_in())
+    real_train = fid.train_classifier
+    monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: real_train(*a, **{**k, "min_steps": 1}))
+    fid.main(fid.parse_args([path, "--real", str(data), "--n-per-taxon", "2", "--steps", "2", "--guidance", "1",
+                             "--device", "cpu"]))
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert table[0] == "| images | n | FID | KID x1e3 | class | order | family | genus | species | classifier FD |"
+    assert table[2].startswith("| held-out training images (the ceiling) | 2 |")
+    assert table[3].startswith("| no guidance, 2 calls/image | 24 |")
+    assert all(cell.endswith("%") for cell in table[3].split(" | ")[4:9])  # an accuracy at every rank
+    assert "it is not BioCLIP" in out

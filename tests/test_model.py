@@ -1,6 +1,8 @@
 """model.py: the rank-token conditioner, condition dropout, the noise schedules, the loss, the samplers, guidance
 and the EMA, each against a closed form, a paper's number or a property seen from outside."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -418,3 +420,56 @@ def test_ema_of_a_constant_model_forgets_its_start_geometrically():
         update_ema(ema, target, 0.8)
     for p, p0, q in zip(ema.parameters(), start, target.parameters()):
         torch.testing.assert_close(p - q, 0.8 ** 10 * (p0 - q))
+
+
+# -----------------------------------------------------------------------------
+# Guidance inside a noise interval (guided_eps_fn's interval)
+
+
+class Branches(torch.nn.Module):
+    """A stand-in network whose output says which lineage it was given: v = the lineage's id sum, everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []  # (t, batch size) of every call
+
+    def forward(self, x, t, ids):
+        self.calls.append((int(t[0]), len(x)))
+        return ids.sum(1, dtype=x.dtype).view(-1, 1, 1, 1).expand_as(x)
+
+
+def sigmas_of_a_run(diffusion, steps):
+    """The noise level of each DPM-Solver++ step, in the order the sampler takes them."""
+    return [math.sqrt((1 - a) / a) for a in diffusion.alpha_bar[diffusion.timesteps(steps, "logsnr")].tolist()]
+
+
+@pytest.mark.parametrize("interval, guided", [(None, "all"), ((0.0, math.inf), "all"), ((1e9, 2e9), "none"),
+                                              ((0.5, 5.0), "inside")])
+def test_guidance_applies_exactly_where_sigma_lies_in_the_interval(interval, guided):
+    """Every step of a 15-step run is guided (two branches in one batch of 2B), none is, or exactly those with
+    sigma_t in [lo, hi]; an unguided step is one call of B."""
+    diffusion, net, B = Diffusion(DiffusionConfig()), Branches(), 3
+    ids = torch.tensor([[1, 1, 2, 1, 3, 2, 1]] * B)
+    diffusion.sample(guided_eps_fn(diffusion, net, ids, 3.0, "parent", 2, interval), (B, 3, 4, 4), steps=15,
+                     generator=torch.Generator().manual_seed(0))
+    sigmas = sigmas_of_a_run(diffusion, 15)
+    inside = {"all": [True] * 15, "none": [False] * 15,
+              "inside": [0.5 <= s <= 5.0 for s in sigmas]}[guided]
+    assert 0 < sum(inside) < 15 or guided != "inside"  # the interval cuts the run somewhere
+    assert [n for _, n in net.calls] == [2 * B if g else B for g in inside]
+
+
+def test_a_step_outside_the_interval_is_the_conditional_prediction():
+    """Outside [lo, hi] the guided eps is eps(c) itself, whatever the scale and the negative; inside it is
+    eps(neg) + s (eps(c) - eps(neg)), here with the stand-in's outputs known in closed form."""
+    diffusion, net = Diffusion(DiffusionConfig()), Branches()
+    ids = torch.tensor([[1, 1, 2, 1, 3, 2, 4]])  # parent = the lineage without its species id 4
+    x = torch.randn(1, 3, 4, 4)
+    t_low, t_high = torch.tensor([5]), torch.tensor([900])  # sigma 0.03 and 74 on Ho's betas
+    lo_hi = (1.0, 1000.0)
+    eps_fn = guided_eps_fn(diffusion, net, ids, 5.0, "parent", 2, lo_hi)
+    plain = diffusion.eps(net, x, t_low, ids)
+    torch.testing.assert_close(eps_fn(x, t_low), plain, rtol=0, atol=0)  # bit for bit: one conditional call
+    a = diffusion.alpha_bar[900]
+    eps = lambda v: (1 - a).sqrt() * x + a.sqrt() * v  # v -> eps (Diffusion.eps)
+    torch.testing.assert_close(eps_fn(x, t_high), eps(torch.tensor(10.0)) + 5 * (eps(torch.tensor(14.0)) - eps(torch.tensor(10.0))))

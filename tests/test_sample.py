@@ -12,6 +12,7 @@ import sample
 from conftest import run_script, toy_checkpoint
 from plumbing.checkpoints import CheckpointError, save_checkpoint
 from plumbing.latent import load_autoencoder
+from taxonomy import RANKS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,3 +121,37 @@ def test_a_latent_checkpoint_without_its_autoencoder_is_refused_in_one_line(tmp_
     assert "\n" not in str(error.value) and str(error.value).startswith(
         f"{tmp_path / 'autoencoder.pt'} is another autoencoder than the one {tmp_path / 'order.pt'} was trained with "
         "(weights sha256 ")
+
+
+# -----------------------------------------------------------------------------
+# sample.py --tree
+
+
+def test_tree_draws_every_node_from_its_partial_lineage_in_one_column_per_rank(tmp_path, monkeypatch):
+    """sample.py --tree on a tiny (untrained) toy checkpoint: root + 3 classes + 6 orders + 12 families, each node's
+    parent one column left and one rank up, every node from the same noise; the PNG has a row per leaf."""
+    path, taxonomy = toy_checkpoint(str(tmp_path), level="family")
+    seen = {}
+    real_draw = sample.draw
+
+    def spy(diffusion, model, ids, x_T, *args, **kwargs):
+        seen["ids"], seen["x_T"] = ids.clone(), x_T.clone()
+        return real_draw(diffusion, model, ids, x_T, *args, **kwargs)
+    monkeypatch.setattr(sample, "draw", spy)
+    out = tmp_path / "tree.png"
+    sample.main(sample.parse_args(["--ckpt", path, "--tree", "--steps", "2", "--out", str(out), "--device", "cpu"]))
+    ids = seen["ids"]
+    assert len(ids) == 1 + 3 + 6 + 12 and ids[0].eq(0).all()  # the root knows nothing
+    deepest = [max((r for r in range(len(RANKS)) if row[r]), default=-1) for row in ids.tolist()]
+    assert deepest == [-1] + [2] * 3 + [3] * 6 + [4] * 12  # one column per stage rank, coarse to fine
+    assert torch.equal(seen["x_T"], seen["x_T"][:1].expand_as(seen["x_T"]))  # one noise for every node
+    width, height = Image.open(out).size
+    assert height == 14 + 12 * (16 + 4)  # a header band, then one row per leaf (16 px images)
+    assert width > 4 * (16 + 24)  # four columns: root, class, order, family
+
+
+def test_tree_of_a_subtree(tmp_path, capsys):
+    path, _ = toy_checkpoint(str(tmp_path), level="family")
+    sample.main(sample.parse_args(["--ckpt", path, "--tree", "Aves", "--steps", "2", "--out",
+                                   str(tmp_path / "aves.png"), "--device", "cpu"]))
+    assert "7 nodes, 4 family" in capsys.readouterr().out  # Aves, its 2 orders and 4 families

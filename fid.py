@@ -195,6 +195,7 @@ def load_statistics(path, mode=None):
 
 EVAL_RANKS = RANKS[2:]  # the toy tree's: class .. species (kingdom is one, and phylum follows from class)
 TOY_RANKS = tuple(RANKS.index(r) for r in EVAL_RANKS)  # as indices
+TOY_LINEAGES = {tuple(lineage) for lineage, _ in toy_species()}
 CLASSIFIER_SEED = 1000  # toy images the classifier learns from; also its weights' and batches' seed
 REAL_SEED = 2000  # toy images that stand in for "real" in FID and in the held-out accuracy
 
@@ -339,8 +340,8 @@ def evaluate_checkpoint(args):
     diffusion = Diffusion(DiffusionConfig(**ckpt["diffusion_config"])).to(args.device)
     taxonomy = Taxonomy(ckpt["lineages"])
     finest, root_rank = RANKS.index(ckpt["level"]), RANKS.index(ckpt["stages"][0])
-    toy_lineages = {tuple(lineage) for lineage, _ in toy_species()}  # an extended toy model is scored as one too
-    toy = ckpt["train_config"]["data"] == "toy" or {tuple(lin) for lin in ckpt["lineages"]} <= toy_lineages
+    toy = ckpt["train_config"]["data"] == "toy" or (ckpt["train_config"]["extend"] and  # a toy model taught new
+                                                    {tuple(x) for x in ckpt["lineages"]} <= TOY_LINEAGES)  # toy species
     if not toy and args.real is None:
         raise ValueError(f"{args.ckpt} was not trained on the toy tree: give the real images with --real DIR_OR_NPZ")
     if toy and args.real is not None:

@@ -81,9 +81,10 @@ def test_killed_at_random_moments_then_resumed_equals_uninterrupted(tmp_path):
     rng, kills, mid_save, step = random.Random(0), 0, 0, 0
     while kills < 10 and not done.exists():
         last_seen = stamp(last)
+        tmp = last.with_name("class.last.pt.tmp")  # where a checkpoint is written before its rename (atomic_write)
+        tmp.unlink(missing_ok=True)  # a kill mid-write leaves it (the next write replaces it): look for a fresh one
         server.stdin.write("run\n"), server.stdin.flush()
         pid = int(server.stdout.readline())
-        tmp = last.with_name(f"class.last.pt.{pid}.tmp")  # where this process writes a checkpoint (atomic_write)
         aim_at_save = kills % 2 == 1  # every other kill lands while a checkpoint is being written
         while not done.exists() and (not tmp.exists() if aim_at_save else stamp(last) == last_seen):
             time.sleep(0.0005)

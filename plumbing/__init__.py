@@ -7,7 +7,7 @@ The support folder: what makes the method files safe to run, one module per job.
     torchrun.py     several processes: joining them, DDP, the mean loss, the resumable save
     signals.py      Ctrl-C and SIGTERM: save after the step, then stop
     latent.py       train.py --latent: the autoencoder stage, the latent cache, decoding
-    images.py       images in and out: rows of samples, uint8, grids, PSNR, image folders
+    images.py       images in and out: the sampling loop, uint8, grids, the tree figure, PSNR, image folders
     inception.py    FID's Inception network, its weights and the resize modes
     readers.py      real data: folder trees, tables (FishNet, BIOSCAN-1M), iNaturalist, the image cache
 

@@ -1,6 +1,7 @@
 """
 Images in and out: the one sampling loop (lineages and their starting noise in, images out, a batch at a time,
-latents decoded), uint8 as a PNG holds it, picture grids, PSNR, and reading a folder of images.
+latents decoded), uint8 as a PNG holds it, picture grids and the tree figure, PSNR, and reading a folder of
+images.
 """
 from pathlib import Path
 

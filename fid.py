@@ -575,7 +575,6 @@ def main(args):
         compare_sets(args)
 
 
-
 if __name__ == "__main__":
     try:
         main(parse_args())

@@ -421,11 +421,10 @@ def toy_dataset(per_species=64, size=32, seed=0, hold_out=""):
 class TaxonDataset(torch.utils.data.Dataset):
     """(image in [-1, 1] as (3, H, W) float, or a latent (C, h, w) as it is; ids per rank as (len(RANKS),) long)."""
 
-    def __init__(self, images, lineages, taxonomy, flip=True):
+    def __init__(self, images, lineages, taxonomy):
         # uint8 (N, 3, H, W): a tensor (toy), or an array memory-mapped from the cache; or float latents (train.py --latent)
         self.images = images
         self.ids = torch.tensor([taxonomy.add(lin) for lin in lineages])  # (N, len(RANKS))
-        self.flip = flip
 
     def __len__(self):
         return len(self.images)
@@ -433,9 +432,7 @@ class TaxonDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x = torch.as_tensor(self.images[i])
         x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x  # pixels to [-1, 1]; latents as they are
-        if self.flip and torch.rand(()) < 0.5:  # horizontal flip: a mirrored animal is the same species
-            x = x.flip(-1)
-        return x, self.ids[i]
+        return x, self.ids[i]  # the training loop mirrors a random half of each batch, with its own generator
 
 
 if __name__ == "__main__":

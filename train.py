@@ -406,7 +406,7 @@ def load_dataset(cfg, rank=0, world=1):
         tree = Taxonomy(lineages)
     # Ids in the order a checkpoint's lineages rebuild them (sample.py does Taxonomy(ckpt["lineages"])).
     taxonomy = Taxonomy(tree.lineages())
-    return TaxonDataset(images, lineages, taxonomy, flip=False), taxonomy, stage_ranks  # the loop flips, with its own generator
+    return TaxonDataset(images, lineages, taxonomy), taxonomy, stage_ranks
 
 
 # The checkpoint's choices an extension keeps: its network, betas, ranks and condition dropout
@@ -435,7 +435,7 @@ def load_extension(cfg, rank=0, world=1):
         print(f"{cfg.data}: {len(images)} images, new to {cfg.extend}: "
               + ", ".join(f"{n} {RANKS[r]}" for r, n in enumerate(added) if n))
     keep = [i % len(images) for i in range(max(len(images), cfg.batch_size))]  # a few pictures fill a batch
-    dataset = TaxonDataset(images[keep], [lineages[i] for i in keep], taxonomy, flip=False)
+    dataset = TaxonDataset(images[keep], [lineages[i] for i in keep], taxonomy)
     stages = [(finest, cfg.extend_steps, round(cfg.cooldown * cfg.extend_steps))]
     return cfg, dataset, taxonomy, [RANKS.index(r) for r in old["stages"]], stages
 

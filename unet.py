@@ -415,10 +415,9 @@ def ssim(x, y, window=11, sigma=1.5, data_range=2.0):
 #   ds = p * (dp - delta) with delta = rowsum(do * o),  dq = ds k,  dk = ds^T q.
 # One kernel computes dq for a block of queries (looping over keys), and delta on
 # the way; a second computes dk, dv for a block of keys (looping over queries).
-# When all the keys fit in one block (8 rank tokens; 64 image tokens at 8x8),
-# one kernel does both in a single pass. Each output is written by exactly one
-# program (dk, dv as per-slice partial sums that are then added in a fixed
-# order), so there are no atomics and the result is deterministic.
+# Each output is written by exactly one program (dk, dv as per-slice partial
+# sums that are then added in a fixed order), so there are no atomics and the
+# result is deterministic.
 #
 # Every length is masked, so N, M and d need not be multiples of the block:
 # cross-attention has only M = 8 keys (padded to a block of 16, the smallest
@@ -538,45 +537,6 @@ if triton is not None:
         _store_tile(DK, dk * sm_scale, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
         _store_tile(DV, dv, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
 
-    @triton.jit
-    def _attn_bwd_onepass(Q, K, V, O, DO, LSE, DQ, DK, DV, sm_scale, N, M, H, SPLITS, split_stride,
-                          sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd, sob, soh, son, sod,
-                          sdb, sdh, sdn, sdd, sdqb, sdqh, sdqn, sdqd,
-                          D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        # The whole backward in one launch, for when every key fits one block (the 8 rank tokens of
-        # cross-attention, self-attention at 8x8): then a program that walks over its slice of the
-        # queries sees all the keys at once, and can write dq as it goes and sum dk, dv on the way.
-        pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok, d_ok = offs_m < M, offs_d < D
-        k = _tile(K, b, h, offs_m, offs_d, skb, skh, skm, skd, m_ok, d_ok)  # (BLOCK_M, BLOCK_D): all keys
-        v = _tile(V, b, h, offs_m, offs_d, svb, svh, svm, svd, m_ok, d_ok)
-        qk_scale = sm_scale * LOG2E
-        dk = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        dv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLITS) * BLOCK_N
-        for start in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, N), BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            q = _tile(Q, b, h, offs_n, offs_d, sqb, sqh, sqn, sqd, n_ok, d_ok)  # (BLOCK_N, BLOCK_D)
-            do = _tile(DO, b, h, offs_n, offs_d, sdb, sdh, sdn, sdd, n_ok, d_ok)
-            o = _tile(O, b, h, offs_n, offs_d, sob, soh, son, sod, n_ok, d_ok)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_N,) = rowsum(do * o)
-            lse = tl.load(LSE + pid_bh * N + offs_n, mask=n_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_N, BLOCK_M)
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(n_ok[:, None] & m_ok[None, :], p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_M, BLOCK_D)
-            dp = tl.dot(do, tl.trans(v))  # (BLOCK_N, BLOCK_M)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_M, BLOCK_D)
-            dq = tl.dot(ds.to(k.dtype), k)  # (BLOCK_N, BLOCK_D): complete, every key is here
-            _store_tile(DQ, dq * sm_scale, b, h, offs_n, offs_d, sdqb, sdqh, sdqn, sdqd, n_ok, d_ok)
-        _store_tile(DK, dk * sm_scale, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
-        _store_tile(DV, dv, pid_s, pid_bh, offs_m, offs_d, split_stride, M * D, D, 1, m_ok, d_ok)
-
 
 # How many programs a backward launch aims for: enough to keep every SM of a large GPU busy.
 BACKWARD_PROGRAMS = 512
@@ -616,20 +576,12 @@ def _flash_backward(q, k, v, o, lse, do):
     else:
         dk_part = torch.empty((splits, B * H, M, D), device=q.device, dtype=torch.float32)
         dv_part = torch.empty_like(dk_part)
-    split_stride = B * H * M * D
     strides = (*q.stride(), *k.stride(), *v.stride())
-    if m_blocks == 1:  # every key in one block: one launch does it all
-        _attn_bwd_onepass[(B * H, splits)](
-            q, k, v, o, do, lse, dq, dk_part, dv_part, D ** -0.5, N, M, H, splits, split_stride,
-            *strides, *o.stride(), *do.stride(), *dq.stride(), D=D, **blocks)
-    else:  # dq (and delta) first, then dk, dv
-        delta = torch.empty_like(lse)  # (B*H, N)
-        _attn_bwd_dq[(n_blocks, B * H)](
-            q, k, v, o, do, lse, delta, dq, D ** -0.5, N, M, H,
-            *strides, *o.stride(), *do.stride(), *dq.stride(), D=D, **blocks)
-        _attn_bwd_dkdv[(m_blocks, B * H, splits)](
-            q, k, v, do, lse, delta, dk_part, dv_part, D ** -0.5, N, M, H, splits, split_stride,
-            *strides, *do.stride(), D=D, **blocks)
+    delta = torch.empty_like(lse)  # (B*H, N), rowsum(do * o): written by the dq kernel, read by the dk/dv one
+    _attn_bwd_dq[(n_blocks, B * H)](q, k, v, o, do, lse, delta, dq, D ** -0.5, N, M, H,
+                                    *strides, *o.stride(), *do.stride(), *dq.stride(), D=D, **blocks)
+    _attn_bwd_dkdv[(m_blocks, B * H, splits)](q, k, v, do, lse, delta, dk_part, dv_part, D ** -0.5, N, M, H,
+                                              splits, B * H * M * D, *strides, *do.stride(), D=D, **blocks)
     if splits == 1:
         return dq, dk_part, dv_part
     dk = dk_part.sum(0).view(B, H, M, D).to(k.dtype)  # (splits, B*H, M, D) -> (B, H, M, D)

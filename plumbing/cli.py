@@ -200,8 +200,6 @@ def downsampling_factor(text):
     return int(text)
 
 
-
-
 def check_flag_pairs(cfg, error):
     """train.py's values that only fail together: each pair ends in argparse's one line, error(message)."""
     if cfg.latent:  # the UNet halves the latent, which is the image divided by f

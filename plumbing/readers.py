@@ -76,11 +76,6 @@ def build_taxonomy(lineages, wheres=None, keep_first=False):
     return taxonomy, out
 
 
-# decode_images() then decodes them all once, in DataLoader workers, into one uint8
-# array that is cached in the output folder. Bad input raises a DataError: one line
-# that names the file (and row) and says what to fix.
-
-
 @dataclass
 class Item:
     """One image to read: its file, its lineage as names, and how to make it square."""

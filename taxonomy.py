@@ -108,15 +108,16 @@ class Taxonomy:
 
     def parse_new(self, text):
         """A lineage whose last name the tree does not know: (ids of its parent's lineage, the new name's rank, the
-        name), or None. A new name counts only at the end of a lineage whose every other name is known and whose
-        last known name is its parent, the rank above it ('Aves/.../Corvus/Corvus novus'); else it is a typo."""
+        name), or None. A new name counts only at the tree's finest rank (a species), at the end of a lineage whose
+        every other name is known and whose last is its parent ('Aves/.../Corvus/Corvus novus'); else it is a typo."""
         parent, _, name = re.sub(r"(/\s*(\.\.\.|…)?\s*)+$", "", text.strip()).rpartition("/")
         try:
             ids = self.parse(parent) if parent else None
         except LineageError:
             return None
         r = ids and max(q for q, i in enumerate(ids) if i) + 1  # the rank below the parent
-        new = ids and r < len(RANKS) and not any(normalize(name) in index for index in self.index)
+        finest = max(q for q in range(len(RANKS)) if self.size(q))
+        new = ids and r == finest and not any(normalize(name) in index for index in self.index)
         return (ids, r, name.strip()) if new else None
 
     def merge(self, lineages):

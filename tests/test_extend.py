@@ -136,7 +136,8 @@ def test_unseen_name_draws_its_ancestor_and_a_typo_is_refused(base, tmp_path, ca
                            "to teach it,") and f"python train.py --extend {base} --data NEW" in note
     _, said = draw("Aves/Passeriformes/Corvidae/Corvus/Corvus coraxx")  # new by the rule, but close to a sibling
     assert "does not know the species 'Corvus coraxx' (or did you mean 'Corvus corax'?), so" in said
-    for typo in ("Corvus novus", "Aves/Corvidea/Corvus/Corvus novus"):  # no parent given; a misspelt known name
+    # no parent given; a misspelt known name; a name new at a coarser rank than species reads as a typo
+    for typo in ("Corvus novus", "Aves/Corvidea/Corvus/Corvus novus", "Aves/Paseriformes"):
         with pytest.raises(LineageError, match="did you mean"):
             draw(typo)
 

@@ -69,12 +69,13 @@ def test_bad_lineage_is_one_clear_line(trained):
     assert "Aves/Passeriformes" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_an_unknown_last_name_draws_its_parent_and_names_the_likely_typo(trained):
-    """A name the checkpoint does not know after a known parent may be a new taxon (train.py --extend teaches it)
-    or a typo: sample.py draws the parent and says both."""
-    proc = run_script("sample.py", "--lineage", "Aves/Paseriformes", "--n", "1", "--steps", "1", cwd=trained,
-                      check=True)
-    assert "did you mean 'Passeriformes'" in proc.stdout and "draws its class 'Aves'" in proc.stdout
+def test_a_misspelled_order_is_a_typo_with_a_suggestion(trained):
+    """A name new to the checkpoint counts as a new taxon only as a species right after its genus (train.py
+    --extend teaches it); a misspelled order is a typo, and one line suggests the names it may mean."""
+    proc = run_script("sample.py", "--lineage", "Aves/Paseriformes", "--n", "1", "--steps", "1", cwd=trained)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: unknown taxon 'Paseriformes' under class 'Aves': did you mean "
+                                   "'Passeriformes' or 'Strigiformes'?")
 
 
 def test_sample_without_checkpoint_is_one_clear_line(tmp_path):

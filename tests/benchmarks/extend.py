@@ -4,6 +4,7 @@ A new species from a few pictures (docs/results.md): extend a trained model with
     python train.py --level species --hold-out one-per-genus:8 --out out/holdout             # the base (~30-60 min)
     python train.py --level species --hold-out one-per-genus:8/4 --out out/scratch4          # from scratch, k = 4
     python tests/benchmarks/extend.py --base out/holdout/species.pt --scratch out/scratch4/species.pt
+    python tests/benchmarks/extend.py --summary out/extend out/extend-s1 out/extend-s2     # over seeds (--seed 1, 2)
 
 For each k it renders the held-out species as the toy tree does (the same first k pictures the /k run trains on)
 into <out>/data-k<k>/<genus>/<species>/, runs `train.py --extend` for each cell (new rows at zero = the parent, or
@@ -119,7 +120,7 @@ def main(args):
 
             def make():
                 ckpt, wall = run_cell(args, name, init, trains, k)
-                moved = trains != "new-rows"  # new rows only: every old weight bit for bit (tests/test_new_extend.py)
+                moved = trains != "new-rows"  # new rows only: every old weight bit for bit (tests/test_extend.py)
                 return {"new": score(ckpt, args.held, args.n, both), "wall": wall, "steps": args.steps,
                         "old": score(ckpt, old, args.n_old, ("null",)) if moved else None}
             cell(f"{name} k{k}", make)
@@ -146,6 +147,24 @@ def print_table(results, args):
         row("from scratch with those species at k images", 4, results["scratch"], 3600)
 
 
+def summary(folders):
+    """The key rows over seeds: mean and range of each number across the extend.json of several runs' --out."""
+    runs = [json.load(open(os.path.join(f, "extend.json"))) for f in folders]
+    print(f"\n{len(runs)} seeds ({', '.join(folders)}): mean (min-max)\n\n| row | new: species (null / parent) | "
+          "new: genus (null / parent) | old: species |\n|---|---|---|---|")
+
+    def spread(values):
+        return f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    for key in dict.fromkeys(k for r in runs for k in r):
+        rs = [r[key] for r in runs if key in r]
+        new = {f"{neg} {rank}": [r["new"][neg][rank] for r in rs] for neg in ("null", "parent")
+               for rank in ("species", "genus")}
+        old = [(r["old"] or runs[i]["base"]["old"])["null"]["species"] for i, r in enumerate(rs)]
+        print(f"| {'no extension' if key == 'base' else key} ({len(rs)}) | {spread(new['null species'])} / "
+              f"{spread(new['parent species'])} | {spread(new['null genus'])} / {spread(new['parent genus'])} | "
+              f"{spread(old)} |")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="out/holdout/species.pt", help="the species checkpoint trained with --hold-out")
@@ -159,4 +178,10 @@ if __name__ == "__main__":
     p.add_argument("--n-old", type=int, default=8, help="images drawn of each old species")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--out", default="out/extend")
-    main(p.parse_args())
+    p.add_argument("--summary", nargs="+", default=None, metavar="OUT",
+                   help="only print the rows over seeds: the --out folders of several runs (one per --seed)")
+    args = p.parse_args()
+    if args.summary:
+        summary(args.summary)
+    else:
+        main(args)

@@ -242,7 +242,7 @@ def finish_stage(cfg, stage, diffusion, taxonomy, root_rank, train_time, log):
            f"({(stage.steps - stage.start) * cfg.batch_size / max(train_time, 1e-6):.1f} img/s), "
            f"{time.time() - t1:.0f} s grid -> {stage.path}, {os.path.join(cfg.out, name + '.png')}")
     print(msg)
-    log.write(msg + "\n")
+    print(msg, file=log, flush=True)  # flushed: a run killed later still logs this stage
 
 
 @dataclass

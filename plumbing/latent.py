@@ -226,4 +226,4 @@ def finish_autoencoder(cfg, ae, dataset, held, train, last_path, path, log):
            f"(posterior std {posterior_std:.4f} of a latent std {1 / ae.scale.item():.3f}) -> {path}, "
            f"{os.path.join(cfg.out, 'autoencoder.png')}")
     print(msg)
-    log.write(msg + "\n")
+    print(msg, file=log, flush=True)  # flushed: a run killed later still logs this stage

@@ -344,3 +344,16 @@ def test_fewer_images_than_an_autoencoder_batch_is_an_error(tmp_path):
                                          r"fewer than --ae-batch-size 40$"):
         train.main(train.parse_args(args))  # and not a ZeroDivisionError in the autoencoder's batches
     assert not (tmp_path / "out" / "autoencoder.last.pt").exists()
+
+
+def test_a_finished_stage_is_logged_before_the_next_begins(tmp_path, monkeypatch):
+    """train.log holds each finished stage's line on disk at once: a run killed later (kill -9 flushes nothing)
+    still records the stages it finished."""
+    real, logged = train.build_stage, []
+
+    def spy(cfg, finest, *args, **kwargs):
+        logged.append((tmp_path / "train.log").read_text())  # what the disk holds as the stage begins
+        return real(cfg, finest, *args, **kwargs)
+    monkeypatch.setattr(train, "build_stage", spy)
+    train.main(replace(TINY, level="order", steps=2, out=str(tmp_path)))
+    assert len(logged) == 2 and "stage class done:" in logged[1] and "stage class step 2/2" in logged[1]

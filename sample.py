@@ -13,7 +13,8 @@ Names may start at any rank and are matched ignoring case ('_' reads as a
 space); '...' or a missing tail leaves the finer ranks unspecified. A name the
 checkpoint does not know is a typo, unless it is a species (its finest rank)
 that ends a lineage right below its genus: then it is new, drawn as that genus
-(train.py --extend teaches it). A latent checkpoint (train.py --latent) is decoded by the autoencoder.pt beside it.
+(train.py --extend teaches it). A latent checkpoint (train.py --latent) is
+decoded by the autoencoder.pt beside it.
 
 Read next: fid.py.
 """

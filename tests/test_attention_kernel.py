@@ -156,7 +156,7 @@ def test_kernels_compile_for_the_gpu():
     proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(TARGETS)], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # each of the 4 kernels for every pointer type and head dim of TARGETS (3 x 4 + 1 x 2) and both key blocks
+    # each of the 3 kernels for every pointer type and head dim of TARGETS (3 x 4 + 1 x 2) and both key blocks
     assert int(proc.stdout.split()[-1]) == 3 * (3 * 4 + 1 * 2) * 2
 
 
